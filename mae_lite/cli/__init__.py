@@ -1,0 +1,1 @@
+"""Console commands: thin argument parsing over library functions."""

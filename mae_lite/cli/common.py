@@ -1,0 +1,33 @@
+"""Pieces shared by the console commands: recipe construction from arguments, one-line errors."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+from ..errors import UserError
+from ..recipes import Recipe, resolve_recipe
+from ..recipes.options import parse_pairs
+
+
+def build_recipe(spec: str, options: Optional[list[str]], batch_size: Optional[int] = None,
+                 max_epoch: Optional[int] = None) -> Recipe:
+    """The recipe named by `-f`, with `--exp-options`, then `-b` and `-e` applied on top."""
+    recipe = resolve_recipe(spec)(**parse_pairs(options))
+    cli = {k: v for k, v in (("batch_size", batch_size), ("max_epoch", max_epoch)) if v is not None}
+    if cli:
+        recipe.update(cli)
+    return recipe
+
+
+def run_cli(prog: str, fn: Callable[[], int]) -> int:
+    """Run `fn`; a UserError becomes `prog: error: message` on one line and exit status 2 (1 for a diverged run)."""
+    from ..errors import NonFiniteLoss
+
+    try:
+        return fn()
+    except NonFiniteLoss as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,94 @@
+"""`ssl_train`: the original's launcher options, one process per device, or whatever torchrun started."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from ..engine.dist import DeviceSpec, cleanup, free_port, init_process, launched_by_torchrun, parse_devices
+from ..engine.loop import train
+from ..engine.perf import tune_allocator
+from ..errors import UserError
+from .common import build_recipe, run_cli
+
+PROG = "ssl_train"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(PROG, description="Train a mae-lite recipe (pre-training or fine-tuning).")
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="total batch over all processes (recipe default if omitted)")
+    p.add_argument("-d", "--devices", default="0-7", help="GPU ids (0-7, 0,1), cpu, or cpu:N; default 0-7, CPU if no CUDA")
+    p.add_argument("-e", "--max_epoch", "--max-epoch", dest="max_epoch", type=int, default=None, help="epochs")
+    p.add_argument("-f", "--exp_file", "--exp-file", dest="exp_file", default="mae_lite",
+                   help="recipe: a built-in name (mae_lite), the seed's file name (mae_lite_exp.py) or a .py file with Exp")
+    p.add_argument("--amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue from <output>/last_epoch_ckpt.pth.tar, or from PATH")
+    p.add_argument("--ckpt", default=None, help="initial weights, loaded at the start of a run (not on --resume)")
+    p.add_argument("--exp-options", "--exp_options", dest="exp_options", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="override recipe attributes, e.g. exp_name=mae_lite/mae_tiny_400e data_root=/data")
+    p.add_argument("--show-config", action="store_true", help="print the recipe's options with their values and exit")
+    return p
+
+
+def _worker(index: int, args: argparse.Namespace, spec: DeviceSpec) -> None:
+    """Training process `index` of `spec` (spawned or in-process), or whatever rank torchrun gave this one."""
+    tune_allocator()
+    if launched_by_torchrun():
+        rank, world, device_index = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world, device_index = index, spec.nprocs, spec.ids[index]
+    env = init_process(rank, world, device_index, spec.kind)
+    try:
+        recipe = build_recipe(args.exp_file, args.exp_options, args.batch_size, args.max_epoch)
+        train(recipe, env, resume=args.resume or None, resume_requested=args.resume is not None,
+              init_ckpt=args.ckpt, amp=args.amp)
+    except UserError as e:
+        if env.world_size > 1:  # every rank hits the same input error: rank 0 speaks, the others just stop
+            if rank == 0:
+                print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+            cleanup()
+            os._exit(1)
+        raise
+    finally:
+        cleanup()
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    recipe = build_recipe(args.exp_file, args.exp_options, args.batch_size, args.max_epoch)  # fail fast, before spawning
+    if args.show_config:
+        print(recipe.config_table())
+        return 0
+    if launched_by_torchrun():
+        kind = "cuda" if torch.cuda.is_available() and not args.devices.lower().startswith("cpu") else "cpu"
+        _worker(0, args, DeviceSpec(kind, (0,)))
+        return 0
+    spec = parse_devices(args.devices)
+    if spec.kind == "cuda" and not torch.cuda.is_available():
+        print(f"{PROG}: notice: CUDA is not available, running on the CPU in one process", file=sys.stderr)
+        spec = DeviceSpec("cpu", (0,))
+    if spec.kind == "cuda" and max(spec.ids) >= torch.cuda.device_count():
+        raise UserError(f"-d {args.devices} asks for GPU {max(spec.ids)}, but only {torch.cuda.device_count()} are visible")
+    if spec.nprocs == 1:
+        _worker(0, args, spec)
+        return 0
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
+    try:
+        torch.multiprocessing.spawn(_worker, args=(args, spec), nprocs=spec.nprocs, join=True)
+    except torch.multiprocessing.ProcessExitedException as e:
+        print(f"{PROG}: error: a training process exited with status {e.exit_code} (its message is above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_cli(PROG, lambda: _main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

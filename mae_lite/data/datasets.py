@@ -1,0 +1,44 @@
+"""Datasets by name, read from their standard on-disk layouts under `data_root`; nothing is downloaded."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+
+from ..errors import UserError
+from .demo import DemoPhotos
+
+IMAGENET_SPLITS = {"train": "imagenet_train", "eval": "imagenet_val"}
+
+
+def _rgb_loader(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def image_folder(root: Path, transform: Optional[Callable], what: str) -> ImageFolder:
+    """A class-per-sub-folder tree, with a one-line error that says what to put where."""
+    if not root.is_dir():
+        raise UserError(f"{what} not found: expected class sub-folders of images under {root}/ "
+                        f"(e.g. {root}/n01440764/*.JPEG); put the data there or set data_root=..., "
+                        "or try the embedded photos with dataset=demo")
+    try:
+        return ImageFolder(str(root), transform=transform, loader=_rgb_loader)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"{what} at {root} is not usable: {str(e).splitlines()[0]}") from None
+
+
+def build_dataset(name: str, data_root: str, split: str, transform: Optional[Callable],
+                  demo_samples: int = 2048) -> Dataset:
+    """`name` is `ImageNet` (<data_root>/imagenet/imagenet_{train,val}), `demo` (the embedded photos),
+    or `folder:<path>` (any class-per-sub-folder tree)."""
+    if name.lower() == "imagenet":
+        return image_folder(Path(data_root) / "imagenet" / IMAGENET_SPLITS[split], transform, f"ImageNet {split} split")
+    if name.lower() == "demo":
+        return DemoPhotos(transform, samples_per_epoch=demo_samples)
+    if name.startswith("folder:"):
+        return image_folder(Path(name[len("folder:"):]), transform, "image folder")
+    raise UserError(f"unknown dataset {name!r}: use ImageNet, demo, or folder:<path to class sub-folders>")

@@ -1,0 +1,145 @@
+"""Checkpoints: atomic writes, safe reads, and loading weights of ours or of the original into a network.
+
+Format (the original's): {"start_epoch", "model", "optimizer", "scheduler", "scaler", "best_top1",
+"best_top5", "best_top1_epoch"} with model keys `model.<network key>`; we add "arch" (architecture
+name and arguments), "recipe" and "config".
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from ..models.pos_embed import resize_pos_embed
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint on the CPU with `weights_only=True`; any problem is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torn file, not a torch file, or a pickle that needs arbitrary code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first[:200]}") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict of tensors")
+    return ckpt
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Network weights from a wrapper's state dict: drop a leading `module.` (DDP), then keep the keys
+    under `prefix.` (e.g. `model`, `base_encoder`) with it removed; an empty prefix keeps flat keys."""
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if not prefix:
+        return dict(state)
+    head = prefix.rstrip(".") + "."
+    return {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
+
+
+def network_state(ckpt: dict[str, Any], prefix: str = "model") -> dict[str, torch.Tensor]:
+    """The network's weights inside a checkpoint of ours, the original's, or official MAE (`{"model": flat}`)."""
+    state = ckpt.get("model", ckpt.get("state_dict", ckpt))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError("checkpoint has no 'model' dict of tensors")
+    net = strip_prefix(state, prefix)
+    if not net and prefix:
+        sample = ", ".join(list(state)[:3])
+        raise UserError(f"no weights under prefix '{prefix}.' in the checkpoint (keys look like: {sample}); "
+                        "set weights_prefix= to the right prefix, or weights_prefix='' for flat keys")
+    return net
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # in the checkpoint, not used
+    missing: list[str] = field(default_factory=list)  # in the network, left at initialisation
+    resized: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        def few(keys: list[str]) -> str:
+            return "" if not keys else " (" + ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "") + ")"
+
+        return (f"loaded {len(self.loaded)} tensors; skipped {len(self.skipped)}{few(self.skipped)}; "
+                f"left at init {len(self.missing)}{few(self.missing)}"
+                + (f"; resized {', '.join(self.resized)}" if self.resized else ""))
+
+
+def adapt_state(net: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
+    """Resize learned position embeddings to the network's grid; keep the network's own fixed tables."""
+    own = dict(net.named_parameters())
+    own.update(dict(net.named_buffers()))
+    out = dict(state)
+    for key in [k for k in state if k.endswith("pos_embed") and k in own]:
+        target, src = own[key], state[key]
+        if src.shape == target.shape:
+            continue
+        if isinstance(target, nn.Parameter) and not target.requires_grad:
+            del out[key]  # fixed sin-cos: the network's table already fits its grid
+            report.missing.append(key)
+            continue
+        prefix = src.shape[1] - int((src.shape[1] - 1) ** 0.5) ** 2
+        grid = getattr(getattr(net, "patch_embed", None), "grid_size", None)
+        if grid is None or src.shape[-1] != target.shape[-1]:
+            continue
+        out[key] = resize_pos_embed(src, tuple(grid), num_prefix=prefix)
+        report.resized.append(f"{key} {tuple(src.shape)}->{tuple(out[key].shape)}")
+    return out
+
+
+def load_pretrained(net: nn.Module, source: str | os.PathLike | dict, prefix: str = "model",
+                    drop: Iterable[str] = ()) -> LoadReport:
+    """Load the matching weights of a checkpoint into `net` (non-strict) and report what happened.
+
+    Keys whose shape differs (other than resizable position embeddings) are skipped, never forced;
+    keys containing any string in `drop` are skipped too.
+    """
+    ckpt = load_checkpoint(source) if not isinstance(source, dict) else source
+    report = LoadReport()
+    state = adapt_state(net, network_state(ckpt, prefix), report)
+    own = net.state_dict()
+    usable = {}
+    for key, value in state.items():
+        if any(d in key for d in drop) or key not in own or own[key].shape != value.shape:
+            report.skipped.append(key)
+        else:
+            usable[key] = value
+    net.load_state_dict(usable, strict=False)
+    report.loaded = sorted(usable)
+    report.missing += [k for k in own if k not in usable and k not in report.missing]
+    return report
+
+
+def checkpoint_path(output_path: Path, resume: Optional[str]) -> Path:
+    """`--resume` alone: <output>/last_epoch_ckpt.pth.tar; with a value: that file, else <output>/<value>."""
+    if resume in (None, "", "auto"):
+        return output_path / "last_epoch_ckpt.pth.tar"
+    p = Path(resume)
+    return p if p.is_file() else output_path / resume

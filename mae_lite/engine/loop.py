@@ -1,0 +1,265 @@
+"""The one training loop: every method (a network wrapped to return `(loss, logs)`) trains here."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from ..errors import NonFiniteLoss, UserError
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .dist import DistEnv, all_reduce_mean, barrier
+from .log import LOGGER, close_logging, setup_logging
+
+CKPT_NAME = "last_epoch_ckpt.pth.tar"
+
+
+@dataclass
+class RunResult:
+    epochs_done: int = 0
+    last_loss: float = float("nan")
+    checkpoint: Optional[str] = None
+    visuals: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def seed_everything(seed: Optional[int], rank: int) -> None:
+    if seed is None:
+        return
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def make_loader(dataset, batch: int, env: DistEnv, workers: int, train: bool) -> DataLoader:
+    sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=train, drop_last=train) if env.distributed else None
+    return DataLoader(dataset, batch_size=batch, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, pin_memory=env.device.type == "cuda", drop_last=train,
+                      persistent_workers=workers > 0)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    d, rem = divmod(seconds, 86400)
+    return (f"{d}d " if d else "") + f"{rem // 3600:02d}:{rem % 3600 // 60:02d}:{rem % 60:02d}"
+
+
+def train(recipe, env: DistEnv, *, resume: Optional[str] = None, init_ckpt: Optional[str] = None,
+          amp: bool = False, resume_requested: bool = False) -> RunResult:
+    """Train `recipe` in this process (one rank of `env`). `resume_requested` with `resume=None` means `--resume`."""
+    t_start = time.time()
+    out = recipe.output_path
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(env)
+    log_path = setup_logging(out, env.rank)
+    try:
+        return _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, log_path)
+    finally:
+        close_logging()
+
+
+def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, log_path) -> RunResult:
+    LOGGER.info("mae-lite %s | torch %s | device %s | world size %d | log %s", _version(), torch.__version__,
+                env.device, env.world_size, log_path)
+    LOGGER.info("%s", recipe.config_table())
+    seed_everything(recipe.seed, env.rank)
+    if env.device.type == "cpu" and env.world_size > 1:
+        torch.set_num_threads(max(1, cpu_cores() // env.world_size))
+
+    # ----- data ----------------------------------------------------------------------------------
+    if recipe.batch_size % env.world_size:
+        raise UserError(f"-b {recipe.batch_size} is not divisible by the {env.world_size} processes; "
+                        f"use a multiple of {env.world_size}")
+    per_proc = recipe.batch_size // env.world_size
+    datasets = recipe.build_datasets()
+    train_ds = datasets["train"]
+    if len(train_ds) < recipe.batch_size:
+        raise UserError(f"the training set has {len(train_ds)} images, fewer than one batch (-b {recipe.batch_size}); "
+                        "lower -b")
+    workers = min(recipe.num_workers, max(0, cpu_cores() // max(1, env.world_size)))
+    loader = make_loader(train_ds, per_proc, env, workers, train=True)
+    iters = len(loader)
+
+    # ----- model, optimiser, schedule, precision ------------------------------------------------
+    model = recipe.build_model().to(env.device)
+    optimizer = recipe.build_optimizer(model)
+    schedule = recipe.build_schedule(optimizer, iters)
+    amp_dtype = torch.float16 if env.device.type == "cuda" else torch.bfloat16
+    if amp and env.device.type == "cpu":
+        LOGGER.info("--amp on CPU: bfloat16 autocast (no GradScaler); without AMX it is slower than fp32")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp and env.device.type == "cuda")
+    start_epoch, best = 0, {"best_top1": 0.0, "best_top5": 0.0, "best_top1_epoch": -1}
+
+    ckpt_file = out / CKPT_NAME
+    if resume_requested:
+        src = checkpoint_path(out, resume)
+        if not src.is_file():
+            raise UserError(f"--resume: no checkpoint at {src}; run without --resume to start, or give the file")
+        ckpt = load_checkpoint(src)
+        _check_arch(ckpt, recipe, src)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f"--resume: {src} does not match this recipe's model/optimizer "
+                            f"({str(e).splitlines()[0][:160]})") from None
+        schedule.load_state_dict(ckpt.get("scheduler", {}))
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["start_epoch"])
+        best = {k: ckpt.get(k, v) for k, v in best.items()}
+        LOGGER.info("resumed from %s at epoch %d", src, start_epoch)
+    else:
+        summary = recipe.load_initial_weights(model, init_ckpt)
+        if summary:
+            LOGGER.info("initial weights from %s: %s", init_ckpt, summary)
+    if env.distributed:
+        model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    method = unwrap(model)
+
+    vis_images = _visual_batch(recipe, train_ds) if env.is_main and hasattr(method, "save_visuals") else None
+    tb = None
+    if env.is_main and recipe.enable_tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / f"tb_train-{time.strftime('%Y-%m-%d-%H-%M-%S')}"))
+
+    result = RunResult(epochs_done=start_epoch, checkpoint=str(ckpt_file) if ckpt_file.is_file() else None)
+    total_steps = iters * recipe.max_epoch
+    LOGGER.info("training %d epochs x %d iterations, %d images per step (%d per process), lr %.3g",
+                recipe.max_epoch - start_epoch, iters, recipe.batch_size, per_proc, recipe.scaled_lr)
+    if recipe.warmup_epochs > recipe.max_epoch:
+        LOGGER.warning("warmup_epochs (%d) > max_epoch (%d): the learning rate only ramps up in this run",
+                       recipe.warmup_epochs, recipe.max_epoch)
+    t_train = time.perf_counter()
+    steps_run = 0
+    try:
+        for epoch in range(start_epoch, recipe.max_epoch):
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
+            model.train()
+            bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{recipe.max_epoch}", disable=not env.is_main,
+                       dynamic_ncols=True, leave=False)
+            win = {"data": 0.0, "total": 0.0, "n": 0}
+            t_prev = time.perf_counter()
+            for it, (images, target) in enumerate(loader):
+                t_data = time.perf_counter()
+                step = epoch * iters + it
+                schedule.step(step)
+                images = images.to(env.device, non_blocking=True)
+                target = target.to(env.device, non_blocking=True)
+                with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp):
+                    loss, logs = model(images, target)
+                loss_avg = all_reduce_mean(loss.detach().float(), env)
+                if not math.isfinite(loss_avg.item()):
+                    raise NonFiniteLoss(
+                        f"loss is {loss_avg.item()} at epoch {epoch + 1}, iteration {it}: training stopped; "
+                        f"the last checkpoint ({result.checkpoint or 'none written yet'}) is intact. Lower lr, "
+                        "set clip_grad=1.0 or drop --amp, then continue with --resume")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if recipe.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    if recipe.clip_mode == "value":
+                        torch.nn.utils.clip_grad_value_(model.parameters(), recipe.clip_grad)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize(env.device)
+                t_now = time.perf_counter()
+                win["data"] += t_data - t_prev
+                win["total"] += t_now - t_prev
+                win["n"] += 1
+                t_prev = t_now
+                steps_run += 1
+                result.last_loss = loss_avg.item()
+                bar.update(1)
+                if (it + 1) % recipe.print_interval == 0 or it + 1 == iters:
+                    imgs = recipe.batch_size * win["n"] / max(win["total"], 1e-9)
+                    share = win["data"] / max(win["total"], 1e-9)
+                    lr = max(schedule.lrs())
+                    eta = (time.perf_counter() - t_train) / steps_run * (total_steps - step - 1)
+                    extras = {k: all_reduce_mean(v.detach().float(), env).item() if torch.is_tensor(v) else float(v)
+                              for k, v in logs.items()}
+                    bar.set_postfix(loss=f"{result.last_loss:.4f}", img_s=f"{imgs:.0f}", lr=f"{lr:.2e}")
+                    LOGGER.info("[%d/%d] it %d/%d | loss %.4f | lr %.3e | %.1f img/s | data wait %.0f%% | eta %s%s",
+                                epoch + 1, recipe.max_epoch, it + 1, iters, result.last_loss, lr, imgs, 100 * share,
+                                _fmt_time(eta), "".join(f" | {k} {v:.4f}" for k, v in extras.items()))
+                    if tb:
+                        tb.add_scalar("train/loss", result.last_loss, step)
+                        tb.add_scalar("train/lr", lr, step)
+                        tb.add_scalar("train/img_per_s", imgs, step)
+                        tb.add_scalar("train/data_wait_share", share, step)
+                        for k, v in extras.items():
+                            tb.add_scalar(f"train/{k}", v, step)
+                    win = {"data": 0.0, "total": 0.0, "n": 0}
+            bar.close()
+            result.epochs_done = epoch + 1
+            last = epoch + 1 == recipe.max_epoch
+            if env.is_main and ((epoch + 1) % recipe.dump_interval == 0 or last):
+                state = {"start_epoch": epoch + 1, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), **best,
+                         "arch": recipe.arch_record(), "recipe": recipe.name, "config": recipe.to_dict()}
+                save_checkpoint(state, ckpt_file)
+                result.checkpoint = str(ckpt_file)
+                LOGGER.info("epoch %d: checkpoint %s", epoch + 1, ckpt_file)
+                if vis_images is not None:
+                    png = method.save_visuals(vis_images.to(env.device), out / f"reconstruction_ep{epoch + 1:04d}.png",
+                                              recipe.mean, recipe.std)
+                    result.visuals.append(str(png))
+                    LOGGER.info("epoch %d: reconstructions %s", epoch + 1, png)
+            barrier(env)
+    finally:
+        if tb:
+            tb.close()
+    result.seconds = time.time() - t_start
+    LOGGER.info("done: %d epochs, last loss %.4f, %s, checkpoint %s", result.epochs_done, result.last_loss,
+                _fmt_time(result.seconds), result.checkpoint)
+    return result
+
+
+def _visual_batch(recipe, dataset) -> Optional[torch.Tensor]:
+    """A fixed set of images (same crops every time) to draw reconstructions of."""
+    n = min(getattr(recipe, "vis_images", 0), len(dataset))
+    if n <= 0:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        random_state = random.getstate()
+        random.seed(0)
+        images = torch.stack([dataset[i][0] for i in range(n)])
+        random.setstate(random_state)
+    return images
+
+
+def _check_arch(ckpt: dict[str, Any], recipe, src) -> None:
+    saved, now = ckpt.get("arch"), recipe.arch_record()
+    if saved and now and saved != now:
+        raise UserError(f"--resume: {src} was written for {saved}, but this run builds {now}; "
+                        "use the same encoder_arch and model options, or another exp_name")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

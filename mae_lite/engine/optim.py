@@ -1,0 +1,39 @@
+"""Parameter groups (weight-decay exclusion, per-group lr scale) and the optimizer factory."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = (),
+                 lr_scale: Optional[Callable[[str], float]] = None) -> list[dict[str, Any]]:
+    """Groups of trainable parameters: 1-D tensors, biases and names in `skip` get no weight decay.
+
+    This is timm's (and the original's) rule: 3-D tokens such as `cls_token`/`mask_token` are decayed
+    unless named in `skip`; frozen parameters (fixed sin-cos tables) are left out. `lr_scale(name)`
+    gives each parameter a learning-rate multiplier (layer-wise decay), stored as the group's `lr_scale`.
+    """
+    skip = set(skip)
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
+        scale = lr_scale(name) if lr_scale else 1.0
+        g = groups.setdefault((no_decay, scale), {"params": [], "param_names": [], "lr_scale": scale,
+                                                  "weight_decay": 0.0 if no_decay else weight_decay})
+        g["params"].append(p)
+        g["param_names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: Any) -> torch.optim.Optimizer:
+    """AdamW or SGD (Nesterov) from a recipe's `opt`, `opt_betas`, `opt_eps`, `momentum`; lr set by the schedule."""
+    name = cfg.opt.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.scaled_lr, betas=tuple(cfg.opt_betas), eps=cfg.opt_eps)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=True)
+    raise ValueError(f"unknown optimizer {cfg.opt!r}")

@@ -1,0 +1,24 @@
+"""Process-level speed settings for CPU runs."""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+
+def tune_allocator() -> bool:
+    """Keep large activation buffers in glibc's heap instead of returning them to the OS every step.
+
+    glibc hands blocks over 32 MB back with munmap and page-faults them in again on the next step;
+    raising the mmap and trim thresholds gave 1.2-1.6x on CPU training here (docs/performance.md).
+    Set MAE_LITE_MALLOC_TUNING=0 to leave the allocator alone. Returns whether the setting was applied.
+    """
+    if os.environ.get("MAE_LITE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1
+    return bool(libc.mallopt(m_trim_threshold, 2**31 - 1) == 1 and ok)

@@ -1,0 +1,9 @@
+"""Errors meant for the user: the CLI prints their message as one line and exits, without a traceback."""
+
+
+class UserError(Exception):
+    """Bad input (option, path, data, checkpoint) with a message that names the problem and the fix."""
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite; the last checkpoint on disk is left intact."""

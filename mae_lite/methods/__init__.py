@@ -1,0 +1,4 @@
+"""Methods: a network plus what its training step returns, `(loss, logs)`."""
+from .mae import MAE
+
+__all__ = ["MAE"]

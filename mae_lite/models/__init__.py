@@ -1,0 +1,7 @@
+"""Model families; importing this package registers every architecture in timm's registry."""
+from .mae import MAE_ARCHS, MaskedAutoencoderViT
+from .pos_embed import resize_pos_embed, sincos_2d
+from .vit import VIT_ARCHS, Attention, Block, VisionTransformer, capture_attention
+
+__all__ = ["MAE_ARCHS", "VIT_ARCHS", "Attention", "Block", "MaskedAutoencoderViT", "VisionTransformer",
+           "capture_attention", "resize_pos_embed", "sincos_2d"]

@@ -1,0 +1,46 @@
+"""Recipes by name: built-in names, the original's `*_exp.py` file names, or a user's Python file defining `Exp`."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from .base import Recipe
+from .mae_lite import MaeLite, MaeLiteDemo
+
+RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (MaeLite, MaeLiteDemo)}
+
+
+def _lookup() -> dict[str, type[Recipe]]:
+    table = dict(RECIPES)
+    for r in RECIPES.values():
+        for alias in r.aliases:
+            table[alias] = r
+    return table
+
+
+def resolve_recipe(spec: str) -> type[Recipe]:
+    """A built-in name (`mae_lite`), the seed's file name (`mae_lite_exp.py`), or a path to a file with `Exp`.
+
+    Built-in names win over files of the same name in the current folder; write `./name.py` to force the file.
+    """
+    table = _lookup()
+    if spec in table and "/" not in spec:
+        return table[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"unknown recipe {spec!r}: use one of {', '.join(sorted(table))}, or a path to a Python file "
+                        "that defines `class Exp(Recipe)`")
+    mod_name = f"mae_lite_user_recipe_{abs(hash(str(path.resolve())))}"
+    spec_ = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec_)
+    sys.modules[mod_name] = module
+    spec_.loader.exec_module(module)
+    exp = getattr(module, "Exp", None)
+    if not (isinstance(exp, type) and issubclass(exp, Recipe)):
+        raise UserError(f"{path} must define `class Exp` deriving from a mae_lite recipe (e.g. mae_lite.recipes.MaeLite)")
+    return exp
+
+
+__all__ = ["RECIPES", "MaeLite", "MaeLiteDemo", "Recipe", "resolve_recipe"]

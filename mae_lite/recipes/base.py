@@ -1,0 +1,161 @@
+"""The recipe base class: hyper-parameters as typed class attributes, validated, overridable by name.
+
+A recipe is a plain class whose annotated attributes are its hyper-parameters (the values of the
+original's `*_exp.py`). `--exp-options k=v` converts each value to the declared type and refuses
+unknown keys. Builders are plain methods the training loop calls once, after all overrides.
+"""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn as nn
+
+from ..engine.optim import build_optimizer, param_groups
+from ..engine.schedule import WarmupCosine
+from ..errors import UserError
+from .options import convert, type_name, unknown_key_error
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Recipe:
+    name: ClassVar[str] = "base"
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    # run and output
+    exp_name: str = ""  # empty: the recipe's name
+    output_dir: str = "./outputs"
+    seed: Optional[int] = 0
+    batch_size: int = 256  # total over all processes (ssl_train -b)
+    max_epoch: int = 100  # ssl_train -e
+    print_interval: int = 10
+    dump_interval: int = 10  # epochs between checkpoints (the last epoch is always saved)
+    eval_interval: int = 10
+    enable_tensorboard: bool = True
+    # data
+    data_root: str = "./data"
+    dataset: str = "ImageNet"
+    img_size: int = 224
+    num_workers: int = 10  # per process, capped by the CPU cores available to it
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # optimisation
+    opt: str = "adamw"
+    opt_betas: tuple[float, float] = (0.9, 0.999)
+    opt_eps: float = 1e-8
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    lr: Optional[float] = None  # None: basic_lr_per_img x batch_size
+    basic_lr_per_img: float = 1e-3 / 256
+    warmup_epochs: int = 5
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    clip_grad: Optional[float] = None
+    clip_mode: str = "norm"
+    # initial weights (ssl_train --ckpt)
+    weights_prefix: str = "model"
+
+    def __init__(self, **options: Any):
+        for key, tp in self.fields().items():  # instance copies, so class defaults are never mutated
+            setattr(self, key, convert(key, getattr(type(self), key), tp))
+        self.update(options)
+
+    # ----- fields and overrides -----------------------------------------------------------------
+    @classmethod
+    def fields(cls) -> dict[str, Any]:
+        hints: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            if klass is object:
+                continue
+            for key, tp in typing.get_type_hints(klass).items():
+                if typing.get_origin(tp) is not ClassVar and not key.startswith("_"):
+                    hints[key] = tp
+        return hints
+
+    def update(self, options: dict[str, Any]) -> list[str]:
+        """Apply overrides (strings from the command line, or Python values); return what changed."""
+        fields = self.fields()
+        converted = {}
+        for key, value in options.items():
+            if key not in fields:
+                raise unknown_key_error(key, list(fields), self.name)
+            converted[key] = convert(key, value, fields[key])
+        changes = []
+        for key, value in converted.items():
+            old = getattr(self, key)
+            if old != value:
+                changes.append(f"{key}: {old!r} -> {value!r}")
+            setattr(self, key, value)
+        self.validate()
+        return changes
+
+    def validate(self) -> None:
+        """Refuse values that cannot work, with the fix in the message. Subclasses extend this."""
+        positive = ["batch_size", "max_epoch", "img_size", "print_interval", "dump_interval", "eval_interval"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise UserError(f"option '{key}' must be positive, got {getattr(self, key)}")
+        for key in ["num_workers", "warmup_epochs", "weight_decay", "warmup_lr", "min_lr"]:
+            if getattr(self, key) < 0:
+                raise UserError(f"option '{key}' must be >= 0, got {getattr(self, key)}")
+        if self.clip_mode not in ("norm", "value"):
+            raise UserError(f"option 'clip_mode' must be 'norm' or 'value', got {self.clip_mode!r}")
+        if self.opt.lower() not in ("adamw", "sgd"):
+            raise UserError(f"option 'opt' must be 'adamw' or 'sgd', got {self.opt!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.fields()}
+
+    def config_table(self) -> str:
+        rows = [(k, type_name(t), repr(getattr(self, k))) for k, t in self.fields().items()]
+        w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+        lines = [f"recipe {self.name} ({type(self).__module__}.{type(self).__qualname__})"]
+        lines += [f"  {k:<{w0}}  {t:<{w1}}  {v}" for k, t, v in rows]
+        return "\n".join(lines)
+
+    # ----- derived values -----------------------------------------------------------------------
+    @property
+    def run_name(self) -> str:
+        return self.exp_name or self.name
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    @property
+    def scaled_lr(self) -> float:
+        """The peak learning rate: `lr` when given, else the linear scaling rule on the total batch."""
+        return self.lr if self.lr is not None else self.basic_lr_per_img * self.batch_size
+
+    # ----- builders (called once by the loop, after every override) ------------------------------
+    def build_model(self) -> nn.Module:
+        """The method module: `forward(images, target) -> (loss, logs)`, network at attribute `.model`."""
+        raise NotImplementedError
+
+    def build_datasets(self) -> dict[str, Optional[torch.utils.data.Dataset]]:
+        """{"train": dataset, "eval": dataset or None}."""
+        raise NotImplementedError
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(param_groups(model, self.weight_decay), self)
+
+    def build_schedule(self, optimizer: torch.optim.Optimizer, iters_per_epoch: int) -> WarmupCosine:
+        return WarmupCosine(optimizer, self.scaled_lr, total_steps=iters_per_epoch * self.max_epoch,
+                            warmup_steps=iters_per_epoch * self.warmup_epochs, warmup_lr=self.warmup_lr,
+                            min_lr=self.min_lr)
+
+    def arch_record(self) -> dict[str, Any]:
+        """Architecture name and arguments stored in checkpoints, so a mismatched load can be refused."""
+        return {}
+
+    def load_initial_weights(self, model: nn.Module, ckpt_path: Optional[str]) -> Optional[str]:
+        """Initialise from `ssl_train --ckpt` at the start of a run (never on --resume); return a summary."""
+        if not ckpt_path:
+            return None
+        from ..engine.checkpoint import load_pretrained
+
+        return load_pretrained(model.model, ckpt_path, prefix=self.weights_prefix).summary

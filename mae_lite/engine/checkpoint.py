@@ -105,11 +105,14 @@ def adapt_state(net: nn.Module, state: dict[str, torch.Tensor], report: LoadRepo
             del out[key]  # fixed sin-cos: the network's table already fits its grid
             report.missing.append(key)
             continue
-        prefix = src.shape[1] - int((src.shape[1] - 1) ** 0.5) ** 2
         grid = getattr(getattr(net, "patch_embed", None), "grid_size", None)
         if grid is None or src.shape[-1] != target.shape[-1]:
             continue
-        out[key] = resize_pos_embed(src, tuple(grid), num_prefix=prefix)
+        prefix = target.shape[1] - grid[0] * grid[1]  # cls (and any other) tokens, as the network has them
+        try:
+            out[key] = resize_pos_embed(src, tuple(grid), num_prefix=prefix)
+        except ValueError:  # not a square grid: left for the shape check to skip
+            continue
         report.resized.append(f"{key} {tuple(src.shape)}->{tuple(out[key].shape)}")
     return out
 

@@ -126,6 +126,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["start_epoch"])
         best = {k: ckpt.get(k, v) for k, v in best.items()}
+        restore_rng_state(ckpt.get("rng"), env)
         LOGGER.info("resumed from %s at epoch %d", src, start_epoch)
     else:
         summary = recipe.load_initial_weights(model, init_ckpt)
@@ -147,7 +148,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     LOGGER.info("training %d epochs x %d iterations, %d images per step (%d per process), lr %.3g",
                 recipe.max_epoch - start_epoch, iters, recipe.batch_size, per_proc, recipe.scaled_lr)
     if recipe.warmup_epochs > recipe.max_epoch:
-        LOGGER.warning("warmup_epochs (%d) > max_epoch (%d): the learning rate only ramps up in this run",
+        LOGGER.info("notice: warmup_epochs (%d) > max_epoch (%d): the learning rate only ramps up in this run",
                        recipe.warmup_epochs, recipe.max_epoch)
     t_train = time.perf_counter()
     steps_run = 0
@@ -216,8 +217,10 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
             bar.close()
             result.epochs_done = epoch + 1
             last = epoch + 1 == recipe.max_epoch
+            if (epoch + 1) % recipe.dump_interval == 0 or last:
+                rng = gather_rng_states(env)  # collective: every rank takes part
             if env.is_main and ((epoch + 1) % recipe.dump_interval == 0 or last):
-                state = {"start_epoch": epoch + 1, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                state = {"rng": rng, "start_epoch": epoch + 1, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), **best,
                          "arch": recipe.arch_record(), "recipe": recipe.name, "config": recipe.to_dict()}
                 save_checkpoint(state, ckpt_file)
@@ -236,6 +239,32 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     LOGGER.info("done: %d epochs, last loss %.4f, %s, checkpoint %s", result.epochs_done, result.last_loss,
                 _fmt_time(result.seconds), result.checkpoint)
     return result
+
+
+def gather_rng_states(env: DistEnv) -> list[dict[str, Any]]:
+    """Every rank's random state (torch, CUDA, Python), so a resumed run continues the same random streams."""
+    own = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if env.device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(env.device)
+    if not env.distributed:
+        return [own]
+    states: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(states, own)
+    return states
+
+
+def restore_rng_state(states: Optional[list[dict[str, Any]]], env: DistEnv) -> None:
+    if not states or len(states) != env.world_size:
+        return  # another world size: keep the fresh seeds
+    own = states[env.rank]
+    torch.set_rng_state(own["torch"])
+    random.setstate(_as_tuple(own["python"]))
+    if "cuda" in own and env.device.type == "cuda":
+        torch.cuda.set_rng_state(own["cuda"], env.device)
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def _visual_batch(recipe, dataset) -> Optional[torch.Tensor]:

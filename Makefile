@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up (once) and pre-train MAE-Tiny on the embedded photos, on the CPU, in minutes
+#   make test   set up (once) and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision as this kind of machine provides them; override for your own CUDA build, e.g.
+#   make setup TORCH="torch==2.5.1 torchvision==0.20.1"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.mae-lite-installed
+
+.PHONY: setup demo test bench clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q $(TORCH)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ssl_train -b 128 -d cpu -e 30 -f mae_lite_demo --exp-options exp_name=demo/mae_tiny
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/step_speed.py
+
+clean-demo:
+	rm -rf outputs/demo

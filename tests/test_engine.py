@@ -352,6 +352,36 @@ def test_save_is_atomic_when_the_write_crashes(tmp_path, monkeypatch, exc):
     assert torch.equal(back["model"]["model.w"], torch.full((4, 4), 1.0))
 
 
+def test_training_state_round_trips_through_safe_load(tmp_path):
+    # what a training run stores: wrapper weights, AdamW moments, schedule, recipe config and architecture
+    import random
+
+    r = MaeLite(img_size=32, patch_size=4, depth=2, batch_size=8)
+    method = r.build_model()
+    opt = r.build_optimizer(method)
+    sched = r.build_schedule(opt, iters_per_epoch=2)
+    sched.step(0)
+    loss, _ = method(torch.randn(2, 3, 32, 32))
+    loss.backward()
+    opt.step()
+    sched.step(1)
+    state = {"rng": [{"torch": torch.get_rng_state(), "python": random.getstate()}], "start_epoch": 1,
+             "model": method.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "scaler": {}, "best_top1": 0.0, "best_top5": 0.0, "best_top1_epoch": -1,
+             "arch": r.arch_record(), "recipe": r.name, "config": r.to_dict()}
+    path = tmp_path / "last_epoch_ckpt.pth.tar"
+    save_checkpoint(state, path)
+    back = load_checkpoint(path)  # weights_only: no arbitrary code
+    assert back["scheduler"] == {"last_count": 1}
+    assert back["config"]["opt_betas"] == (0.9, 0.95) and back["config"]["lr"] is None
+    assert back["recipe"] == "mae_lite"
+    assert set(back["model"]) == set(method.state_dict())
+    assert all(k.startswith("model.") for k in back["model"])  # the wrapper's prefix (fact sheet §2.6)
+    opt2 = r.build_optimizer(r.build_model())
+    opt2.load_state_dict(back["optimizer"])
+    assert len(opt2.state) == len(opt.state) > 0
+
+
 def test_second_save_replaces_the_first(tmp_path):
     path = tmp_path / "ck.pth.tar"
     save_checkpoint(_state(1.0), path)

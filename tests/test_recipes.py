@@ -89,6 +89,8 @@ def test_mae_lite_augmentation_and_misc_values():
     assert tuple(r.std) == IMAGENET_STD
     assert r.print_interval == 10
     assert r.dump_interval == 10
+    assert r.num_workers == 10
+    assert r.enable_tensorboard is True
 
 
 def test_mae_lite_recipe_validates_at_defaults():
@@ -325,6 +327,21 @@ def test_python_values_of_wrong_type_are_refused():
     assert r.max_epoch == 400
 
 
+def test_refused_validation_changes_nothing():
+    r = MaeLite()
+    with pytest.raises(UserError):
+        r.update({"max_epoch": "10", "mask_ratio": "1.0"})
+    assert r.max_epoch == 400 and r.mask_ratio == 0.75
+
+
+def test_broken_user_recipe_file_is_one_line(tmp_path):
+    bad = tmp_path / "broken_exp.py"
+    bad.write_text("from mae_lite.recipes import MaeLite\nclass Exp(MaeLite)\n    max_epoch = 3\n")
+    with pytest.raises(UserError) as e:
+        resolve_recipe(str(bad))
+    assert "broken_exp.py" in _one_line(e) and "line 2" in _one_line(e)
+
+
 def test_failed_conversion_changes_nothing():
     r = MaeLite()
     with pytest.raises(UserError):
@@ -393,6 +410,19 @@ def test_class_defaults_never_mutated_by_instance_update():
     ({"opt": "lamb"}, "opt"),
 ])
 def test_validate_refuses_bad_values(options, key):
+    with pytest.raises(UserError) as e:
+        MaeLite(**options)
+    assert key in _one_line(e)
+
+
+@pytest.mark.parametrize("options,key", [
+    ({"clip_grad": "-1"}, "clip_grad"),
+    ({"depth": "-1"}, "depth"),
+    ({"patch_size": "-4"}, "patch_size"),
+    ({"lr": "-1e-3"}, "lr"),
+    ({"hflip": "1.5"}, "hflip"),
+])
+def test_validate_refuses_more_bad_values(options, key):
     with pytest.raises(UserError) as e:
         MaeLite(**options)
     assert key in _one_line(e)

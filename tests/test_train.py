@@ -163,3 +163,26 @@ def test_two_process_gloo_ddp(tmp_path, launcher):
     # 64 images, 2 processes x 8 per step -> 4 steps per epoch, 8 in all
     assert ckpt["scheduler"]["last_count"] == 7
     assert "world size 2" in proc.stdout + proc.stderr
+
+
+def test_amp_on_cpu_runs_in_bf16(tmp_path):
+    assert run(tmp_path, "-b", "16", "-e", "1", "--amp", exp="amp") == 0
+    log = next((tmp_path / "amp").glob("train_log-*.txt")).read_text()
+    assert "bfloat16 autocast" in log
+    ckpt = load_checkpoint(tmp_path / "amp" / "last_epoch_ckpt.pth.tar")
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())  # master weights stay fp32
+
+
+def test_gradient_clipping_is_applied(tmp_path):
+    # Clipping the gradient norm to 0 zeroes every update (AdamW without weight decay): weights stay at init.
+    recipe = MaeLiteDemo(output_dir=str(tmp_path), exp_name="clip", batch_size=16, max_epoch=1, depth=2,
+                         demo_samples=32, num_workers=0, vis_images=0, clip_grad=0.0, weight_decay=0.0)
+    torch.manual_seed(recipe.seed)
+    init = {k: v.clone() for k, v in recipe.build_model().state_dict().items()}
+    train(recipe, DistEnv())
+    after = load_checkpoint(tmp_path / "clip" / "last_epoch_ckpt.pth.tar")["model"]
+    assert all(torch.equal(init[k], after[k]) for k in init)
+    recipe.update({"clip_grad": "1.0", "exp_name": "clip1"})
+    train(recipe, DistEnv())
+    after = load_checkpoint(tmp_path / "clip1" / "last_epoch_ckpt.pth.tar")["model"]
+    assert not all(torch.equal(init[k], after[k]) for k in init)

@@ -36,7 +36,11 @@ def resolve_recipe(spec: str) -> type[Recipe]:
     spec_ = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec_)
     sys.modules[mod_name] = module
-    spec_.loader.exec_module(module)
+    try:
+        spec_.loader.exec_module(module)
+    except Exception as e:
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+        raise UserError(f"cannot load recipe file {path}{where}: {type(e).__name__}: {e}".splitlines()[0]) from None
     exp = getattr(module, "Exp", None)
     if not (isinstance(exp, type) and issubclass(exp, Recipe)):
         raise UserError(f"{path} must define `class Exp` deriving from a mae_lite recipe (e.g. mae_lite.recipes.MaeLite)")

@@ -84,14 +84,16 @@ class Recipe:
             if key not in fields:
                 raise unknown_key_error(key, list(fields), self.name)
             converted[key] = convert(key, value, fields[key])
-        changes = []
+        before = {key: getattr(self, key) for key in converted}
         for key, value in converted.items():
-            old = getattr(self, key)
-            if old != value:
-                changes.append(f"{key}: {old!r} -> {value!r}")
             setattr(self, key, value)
-        self.validate()
-        return changes
+        try:
+            self.validate()
+        except UserError:
+            for key, value in before.items():  # a refused update changes nothing
+                setattr(self, key, value)
+            raise
+        return [f"{k}: {before[k]!r} -> {v!r}" for k, v in converted.items() if before[k] != v]
 
     def validate(self) -> None:
         """Refuse values that cannot work, with the fix in the message. Subclasses extend this."""
@@ -99,8 +101,8 @@ class Recipe:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise UserError(f"option '{key}' must be positive, got {getattr(self, key)}")
-        for key in ["num_workers", "warmup_epochs", "weight_decay", "warmup_lr", "min_lr"]:
-            if getattr(self, key) < 0:
+        for key in ["num_workers", "warmup_epochs", "weight_decay", "warmup_lr", "min_lr", "lr", "clip_grad"]:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise UserError(f"option '{key}' must be >= 0, got {getattr(self, key)}")
         if self.clip_mode not in ("norm", "value"):
             raise UserError(f"option 'clip_mode' must be 'norm' or 'value', got {self.clip_mode!r}")

@@ -42,6 +42,11 @@ class MaeLite(Recipe):
             raise UserError(f"encoder_arch {self.encoder_arch!r} is not an MAE model; use one of {', '.join(MAE_ARCHS)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise UserError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        for key in ("patch_size", "depth"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise UserError(f"option '{key}' must be >= 1 (or None for the architecture's own), got {getattr(self, key)}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise UserError(f"hflip is a probability in [0, 1], got {self.hflip}")
         patch = self.patch_size or MAE_ARCHS[self.encoder_arch]["patch_size"]
         if self.img_size % patch:
             raise UserError(f"img_size {self.img_size} is not a multiple of the patch size {patch}; "

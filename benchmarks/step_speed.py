@@ -76,7 +76,7 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def matmul_peak(device: torch.device, n: int, runs: int = 10) -> float:
+def matmul_peak(device: torch.device, n: int, runs: int = 20) -> float:
     """GFLOP/s of an n x n x n fp32 matmul: median of `runs` timed calls after two warm-up calls."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     out = torch.empty(n, n, device=device)
@@ -153,12 +153,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    peak = matmul_peak(device, args.peak_size)
+    # The VM is shared and noisy: measure the peak before and after the steps and keep the higher one.
+    peaks = [matmul_peak(device, args.peak_size)]
     model, opt, imgs = build(args, device)
     flops, flops_by_op = count_flops(model, imgs, args.mask_ratio)
     before = cpu_snapshot()
     times = time_steps(model, opt, imgs, args, device)
     others = other_cores_busy(before, cpu_snapshot())
+    peaks.append(matmul_peak(device, args.peak_size))
+    peak = max(peaks)
 
     t = statistics.median(times)
     achieved = flops / t / 1e9
@@ -169,7 +172,7 @@ def main() -> None:
         "malloc_tuning_applied": malloc_tuned,
         "img_per_s": args.batch / t, "step_s_median": t, "step_s_all": times,
         "flops_per_step": flops, "flops_by_op": flops_by_op,
-        "matmul_peak_gflops": peak, "matmul_peak_shape": [args.peak_size] * 3,
+        "matmul_peak_gflops": peak, "matmul_peak_before_after": peaks, "matmul_peak_shape": [args.peak_size] * 3,
         "achieved_gflops": achieved, "share_of_matmul_bound": achieved / peak,
         "reference_original": REFERENCE_ORIGINAL,
         "other_processes_cores_busy": others,
@@ -185,7 +188,8 @@ def main() -> None:
     print(f"  img/s                  {result['img_per_s']:8.1f}   (median of {args.steps} steps, "
           f"{t * 1e3:.0f} ms; min {min(times) * 1e3:.0f}, max {max(times) * 1e3:.0f})")
     print(f"  FLOPs per step         {flops / 1e9:8.1f} G (forward + backward)")
-    print(f"  matmul peak            {peak:8.1f} GFLOP/s ({args.peak_size}^3 fp32)")
+    print(f"  matmul peak            {peak:8.1f} GFLOP/s ({args.peak_size}^3 fp32; before {peaks[0]:.0f}, "
+          f"after {peaks[1]:.0f})")
     print(f"  achieved               {achieved:8.1f} GFLOP/s")
     print(f"  share of matmul bound  {achieved / peak:8.1%}")
     print(f"  reference (original)   {ref['img_per_s']:8.1f} img/s, {ref['share_of_matmul_bound']:.0%} of the bound")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,12 @@ from mae_lite.errors import NonFiniteLoss
 from mae_lite.recipes import MaeLiteDemo
 
 TINY = ["depth=2", "demo_samples=64", "num_workers=0", "print_interval=1", "vis_images=2"]
+TINY_WORKERS = [o if o != "num_workers=0" else "num_workers=2" for o in TINY]
 
 
-def run(tmp_path: Path, *args: str, options=(), exp="run") -> int:
+def run(tmp_path: Path, *args: str, options=(), exp="run", tiny=TINY) -> int:
     return ssl_train(["-d", "cpu", "-f", "mae_lite_demo", *args, "--exp-options",
-                      f"output_dir={tmp_path}", f"exp_name={exp}", *TINY, *options])
+                      f"output_dir={tmp_path}", f"exp_name={exp}", *tiny, *options])
 
 
 def test_cli_run_writes_checkpoint_logs_tensorboard_and_png(tmp_path):
@@ -43,10 +45,11 @@ def test_cli_run_writes_checkpoint_logs_tensorboard_and_png(tmp_path):
     assert "mask_ratio" in log and "img/s" in log and "data wait" in log
 
 
-def test_resume_continues_bit_identically(tmp_path):
-    assert run(tmp_path, "-b", "16", "-e", "2", exp="straight") == 0
-    assert run(tmp_path, "-b", "16", "-e", "1", exp="split") == 0
-    assert run(tmp_path, "-b", "16", "-e", "2", "--resume", exp="split") == 0
+@pytest.mark.parametrize("tiny", [TINY, TINY_WORKERS], ids=["no_workers", "2_workers"])
+def test_resume_continues_bit_identically(tmp_path, tiny):
+    assert run(tmp_path, "-b", "16", "-e", "2", exp="straight", tiny=tiny) == 0
+    assert run(tmp_path, "-b", "16", "-e", "1", exp="split", tiny=tiny) == 0
+    assert run(tmp_path, "-b", "16", "-e", "2", "--resume", exp="split", tiny=tiny) == 0
     a = load_checkpoint(tmp_path / "straight" / "last_epoch_ckpt.pth.tar")
     b = load_checkpoint(tmp_path / "split" / "last_epoch_ckpt.pth.tar")
     assert b["start_epoch"] == 2
@@ -155,14 +158,20 @@ def test_two_process_gloo_ddp(tmp_path, launcher):
     else:
         torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
         cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "mae_lite.cli.train", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(),
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # hung: take the whole process group (torchrun's workers too) down
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "ddp" / "last_epoch_ckpt.pth.tar")
     assert ckpt["start_epoch"] == 2 and len(ckpt["rng"]) == 2
     assert all(k.startswith("model.") for k in ckpt["model"])  # never DDP's module. prefix
     # 64 images, 2 processes x 8 per step -> 4 steps per epoch, 8 in all
     assert ckpt["scheduler"]["last_count"] == 7
-    assert "world size 2" in proc.stdout + proc.stderr
+    assert "world size 2" in stdout + stderr
 
 
 def test_amp_on_cpu_runs_in_bf16(tmp_path):

@@ -45,10 +45,12 @@ def cpu_cores() -> int:
 
 
 def make_loader(dataset, batch: int, env: DistEnv, workers: int, train: bool) -> DataLoader:
+    """Workers are not persistent: fresh ones each epoch draw their seeds from the main random stream,
+    which --resume restores, so a resumed run sees the same crops as an uninterrupted one."""
     sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=train, drop_last=train) if env.distributed else None
     return DataLoader(dataset, batch_size=batch, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=workers, pin_memory=env.device.type == "cuda", drop_last=train,
-                      persistent_workers=workers > 0)
+                      persistent_workers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -817,3 +817,9 @@ def test_global_pool_accepts_timm_spellings_and_refuses_others():
     assert m.global_pool is False and hasattr(m, "norm") and not hasattr(m, "fc_norm")
     with pytest.raises(ValueError, match="global_pool"):
         timm.create_model("vit_tiny_patch16", img_size=32, patch_size=4, depth=1, global_pool="max")
+
+
+def test_mae_refuses_input_of_another_size():
+    m = timm.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=4, depth=1)
+    with pytest.raises(ValueError, match="built for"):
+        m(torch.randn(1, 3, 64, 64))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 
 from ._registry import register
@@ -75,30 +76,43 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ----- masking --------------------------------------------------------------------------------
     @staticmethod
-    def random_masking(x: torch.Tensor, mask_ratio: float, ids_shuffle: torch.Tensor | None = None):
-        """Keep the first int(L * (1 - mask_ratio)) patches of a per-sample random permutation.
-
-        Returns (kept tokens, mask [N, L] with 1 = masked, ids_restore, ids_shuffle).
-        """
-        N, L, D = x.shape
+    def mask_indices(n: int, L: int, mask_ratio: float, ids_shuffle: torch.Tensor | None = None,
+                     device: torch.device | None = None):
+        """Per-sample random permutation (argsort of uniform noise, or the given `ids_shuffle`); its first
+        int(L * (1 - mask_ratio)) entries are kept. Returns (ids_keep, mask [n, L] with 1 = masked,
+        ids_restore, ids_shuffle)."""
         len_keep = int(L * (1 - mask_ratio))
         if ids_shuffle is None:
-            ids_shuffle = torch.argsort(torch.rand(N, L, device=x.device), dim=1)
-        elif ids_shuffle.shape != (N, L):
-            raise ValueError(f"ids_shuffle has shape {tuple(ids_shuffle.shape)}, expected {(N, L)}")
+            ids_shuffle = torch.argsort(torch.rand(n, L, device=device), dim=1)
+        elif ids_shuffle.shape != (n, L):
+            raise ValueError(f"ids_shuffle has shape {tuple(ids_shuffle.shape)}, expected {(n, L)}")
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-        mask = torch.ones(N, L, device=x.device)
+        mask = torch.ones(n, L, device=ids_shuffle.device)
         mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
-        return x_kept, mask, ids_restore, ids_shuffle
+        return ids_shuffle[:, :len_keep], torch.gather(mask, 1, ids_restore), ids_restore, ids_shuffle
+
+    @classmethod
+    def random_masking(cls, x: torch.Tensor, mask_ratio: float, ids_shuffle: torch.Tensor | None = None):
+        """Keep the tokens of `x` [N, L, D] chosen by `mask_indices`: (kept, mask, ids_restore, ids_shuffle)."""
+        ids_keep, mask, ids_restore, ids_shuffle = cls.mask_indices(x.shape[0], x.shape[1], mask_ratio, ids_shuffle,
+                                                                    x.device)
+        return _take(x, ids_keep), mask, ids_restore, ids_shuffle
 
     # ----- encoder / decoder / loss -------------------------------------------------------------
-    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, ids_shuffle: torch.Tensor | None = None):
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        x, mask, ids_restore, ids_shuffle = self.random_masking(x, mask_ratio, ids_shuffle)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, ids_shuffle: torch.Tensor | None = None,
+                        patches: torch.Tensor | None = None):
+        """Encode the visible patches. Only they are embedded: the patch-embedding convolution is applied as
+        the equal linear map to the kept patches (same weights, same result, a quarter of the work)."""
+        patches = self.patchify(imgs) if patches is None else patches
+        n, L, _ = patches.shape
+        if L != self.patch_embed.num_patches:
+            raise ValueError(f"input {tuple(imgs.shape[-2:])} gives {L} patches, but the model was built for "
+                             f"{self.patch_embed.img_size} ({self.patch_embed.num_patches} patches)")
+        ids_keep, mask, ids_restore, ids_shuffle = self.mask_indices(n, L, mask_ratio, ids_shuffle, patches.device)
+        w = self.patch_embed.proj.weight  # [D, C, p, p]; patches are ordered (p, q, C)
+        x = F.linear(_take(patches, ids_keep), w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.patch_embed.proj.bias)
+        x = x + _take(self.pos_embed[:, 1:].expand(n, -1, -1), ids_keep)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
@@ -108,30 +122,35 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_embed(x)
         n, L = ids_restore.shape
         mask_tokens = self.mask_token.expand(n, L + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # un-shuffle
+        x_ = _take(torch.cat([x[:, 1:], mask_tokens], dim=1), ids_restore)  # un-shuffle
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+    def target(self, imgs: torch.Tensor | None = None, patches: torch.Tensor | None = None) -> torch.Tensor:
         """Per-patch regression target: pixels, normalised by each patch's mean and unbiased variance."""
-        target = self.patchify(imgs)
+        target = self.patchify(imgs) if patches is None else patches
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
+            var, mean = torch.var_mean(target, dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return target
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        loss = (pred - self.target(imgs)).pow(2).mean(dim=-1)  # per patch
+    def forward_loss(self, imgs: torch.Tensor | None, pred: torch.Tensor, mask: torch.Tensor,
+                     patches: torch.Tensor | None = None) -> torch.Tensor:
+        loss = F.mse_loss(pred, self.target(imgs, patches), reduction="none").mean(dim=-1)  # per patch
         return (loss * mask).sum() / mask.sum()  # masked patches only
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, ids_shuffle: torch.Tensor | None = None):
-        latent, mask, ids_restore, ids_shuffle = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
+        patches = self.patchify(imgs)
+        latent, mask, ids_restore, ids_shuffle = self.forward_encoder(imgs, mask_ratio, ids_shuffle, patches)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask, ids_shuffle
+        return self.forward_loss(imgs, pred, mask, patches), pred, mask, ids_shuffle
+
+
+def _take(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x[n, ids[n]] for every sample: [N, L, D], [N, K] -> [N, K, D]."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 MAE_ARCHS = {

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -107,7 +108,13 @@ def extra_flop_formulas() -> dict:
 
 def build(args, device: torch.device):
     torch.manual_seed(0)
-    model = timm.create_model("mae_vit_tiny_patch16", img_size=args.img_size, norm_pix_loss=True).to(device)
+    if args.impl == "reference":  # the original's formulation, same sizes (benchmarks/reference_mae.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from reference_mae import ReferenceMAE
+
+        model = ReferenceMAE(img=args.img_size).to(device)
+    else:
+        model = timm.create_model("mae_vit_tiny_patch16", img_size=args.img_size, norm_pix_loss=True).to(device)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95))
     imgs = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
@@ -147,8 +154,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 fp32 matmul used for the peak")
     p.add_argument("--no-malloc-tuning", action="store_true", help="do not call mae_lite.engine.perf.tune_allocator()")
-    p.add_argument("--out", default="benchmarks/results/step_speed.json")
+    p.add_argument("--impl", choices=["mae_lite", "reference"], default="mae_lite",
+                   help="ours, or the original's formulation (conv on all patches, explicit attention)")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/step_speed[_reference].json)")
     args = p.parse_args()
+    args.out = args.out or f"benchmarks/results/step_speed{'_reference' if args.impl == 'reference' else ''}.json"
 
     malloc_tuned = False if args.no_malloc_tuning else tune_allocator()  # before any large allocation
     torch.set_num_threads(args.threads)
@@ -167,7 +177,7 @@ def main() -> None:
     t = statistics.median(times)
     achieved = flops / t / 1e9
     result = {
-        "model": "mae_vit_tiny_patch16", "batch": args.batch, "img_size": args.img_size,
+        "model": "mae_vit_tiny_patch16", "impl": args.impl, "batch": args.batch, "img_size": args.img_size,
         "mask_ratio": args.mask_ratio, "dtype": "float32", "device": str(device),
         "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
         "malloc_tuning_applied": malloc_tuned,
@@ -184,7 +194,7 @@ def main() -> None:
     }
 
     ref = REFERENCE_ORIGINAL
-    print(f"MAE-Tiny step, batch {args.batch}, {args.img_size} px, fp32, {device}, {result['threads']} threads, "
+    print(f"MAE-Tiny step ({args.impl}), batch {args.batch}, {args.img_size} px, fp32, {device}, {result['threads']} threads, "
           f"malloc tuning {'on' if malloc_tuned else 'off'}")
     print(f"  img/s                  {result['img_per_s']:8.1f}   (median of {args.steps} steps, "
           f"{t * 1e3:.0f} ms; min {min(times) * 1e3:.0f}, max {max(times) * 1e3:.0f})")

@@ -83,8 +83,9 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                 env.device, env.world_size, log_path)
     LOGGER.info("%s", recipe.config_table())
     seed_everything(recipe.seed, env.rank)
-    if env.device.type == "cpu" and env.world_size > 1:
-        torch.set_num_threads(max(1, cpu_cores() // env.world_size))
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))  # processes sharing this machine
+    if env.device.type == "cpu" and local_procs > 1:
+        torch.set_num_threads(max(1, cpu_cores() // local_procs))
 
     # ----- data ----------------------------------------------------------------------------------
     if recipe.batch_size % env.world_size:
@@ -96,7 +97,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     if len(train_ds) < recipe.batch_size:
         raise UserError(f"the training set has {len(train_ds)} images, fewer than one batch (-b {recipe.batch_size}); "
                         "lower -b")
-    workers = min(recipe.num_workers, max(0, cpu_cores() // max(1, env.world_size)))
+    workers = min(recipe.num_workers, cpu_cores() // local_procs)
     loader = make_loader(train_ds, per_proc, env, workers, train=True)
     iters = len(loader)
 

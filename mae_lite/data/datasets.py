@@ -10,6 +10,7 @@ from torchvision.datasets import ImageFolder
 
 from ..errors import UserError
 from .demo import DemoPhotos
+from .fashion_mnist import FashionMNIST
 
 IMAGENET_SPLITS = {"train": "imagenet_train", "eval": "imagenet_val"}
 
@@ -34,11 +35,14 @@ def image_folder(root: Path, transform: Optional[Callable], what: str) -> ImageF
 def build_dataset(name: str, data_root: str, split: str, transform: Optional[Callable],
                   demo_samples: int = 2048) -> Dataset:
     """`name` is `ImageNet` (<data_root>/imagenet/imagenet_{train,val}), `demo` (the embedded photos),
+    `FashionMNIST` (IDX files under <data_root>/fashion_mnist/ or Debian's /usr/share/datasets/fashion-mnist/),
     or `folder:<path>` (any class-per-sub-folder tree)."""
     if name.lower() == "imagenet":
         return image_folder(Path(data_root) / "imagenet" / IMAGENET_SPLITS[split], transform, f"ImageNet {split} split")
     if name.lower() == "demo":
         return DemoPhotos(transform, samples_per_epoch=demo_samples)
+    if name.lower() == "fashionmnist":
+        return FashionMNIST(data_root, train=split == "train", transform=transform)
     if name.startswith("folder:"):
         return image_folder(Path(name[len("folder:"):]), transform, "image folder")
-    raise UserError(f"unknown dataset {name!r}: use ImageNet, demo, or folder:<path to class sub-folders>")
+    raise UserError(f"unknown dataset {name!r}: use ImageNet, demo, FashionMNIST, or folder:<path to class sub-folders>")

@@ -18,9 +18,11 @@ from tqdm import tqdm
 from ..errors import NonFiniteLoss, UserError
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .dist import DistEnv, all_reduce_mean, barrier
+from .evaluate import eval_loader, evaluate
 from .log import LOGGER, close_logging, setup_logging
 
 CKPT_NAME = "last_epoch_ckpt.pth.tar"
+BEST_NAME = "last_epoch_best_ckpt.pth.tar"
 
 
 @dataclass
@@ -29,6 +31,8 @@ class RunResult:
     last_loss: float = float("nan")
     checkpoint: Optional[str] = None
     visuals: list[str] = field(default_factory=list)
+    top1: Optional[float] = None
+    top5: Optional[float] = None
     seconds: float = 0.0
 
 
@@ -100,6 +104,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     workers = min(recipe.num_workers, cpu_cores() // local_procs)
     loader = make_loader(train_ds, per_proc, env, workers, train=True)
     iters = len(loader)
+    val_loader = eval_loader(datasets["eval"], per_proc, env, workers) if datasets.get("eval") is not None else None
 
     # ----- model, optimiser, schedule, precision ------------------------------------------------
     model = recipe.build_model().to(env.device)
@@ -220,15 +225,30 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
             bar.close()
             result.epochs_done = epoch + 1
             last = epoch + 1 == recipe.max_epoch
-            if (epoch + 1) % recipe.dump_interval == 0 or last:
+            is_best = False
+            if val_loader is not None and ((epoch + 1) % recipe.eval_interval == 0 or last):
+                top1, top5 = evaluate(method.model, val_loader, env, amp)
+                is_best = best["best_top1_epoch"] < 0 or top1 > best["best_top1"]
+                if is_best:
+                    best = {"best_top1": top1, "best_top5": top5, "best_top1_epoch": epoch + 1}
+                result.top1, result.top5 = top1, top5
+                LOGGER.info("epoch %d: Top1: %.3f, Top5: %.3f (best Top1 %.3f at epoch %d)", epoch + 1, top1, top5,
+                            best["best_top1"], best["best_top1_epoch"])
+                if tb:
+                    tb.add_scalar("Val/Top1", top1, (epoch + 1) * iters)
+                    tb.add_scalar("Val/Top5", top5, (epoch + 1) * iters)
+            save = is_best or (epoch + 1) % recipe.dump_interval == 0 or last
+            if save:
                 rng = gather_rng_states(env)  # collective: every rank takes part
-            if env.is_main and ((epoch + 1) % recipe.dump_interval == 0 or last):
+            if env.is_main and save:
                 state = {"rng": rng, "start_epoch": epoch + 1, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), **best,
                          "arch": recipe.arch_record(), "recipe": recipe.name, "config": recipe.to_dict()}
                 save_checkpoint(state, ckpt_file)
                 result.checkpoint = str(ckpt_file)
                 LOGGER.info("epoch %d: checkpoint %s", epoch + 1, ckpt_file)
+                if is_best:
+                    save_checkpoint(state, out / BEST_NAME)
                 if vis_images is not None:
                     png = method.save_visuals(vis_images.to(env.device), out / f"reconstruction_ep{epoch + 1:04d}.png",
                                               recipe.mean, recipe.std)

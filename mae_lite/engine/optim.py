@@ -37,3 +37,23 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: Any) -> torch.optim.Optim
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=True)
     raise ValueError(f"unknown optimizer {cfg.opt!r}")
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """The original's layer ids for layer-wise lr decay: 0 for the embeddings (cls/mask token, position and
+    patch embedding), i + 1 for `blocks.i.*`, depth + 1 for everything else (final norms, head)."""
+    if name in ("cls_token", "mask_token", "pos_embed", "dist_token") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_scale(depth: int, decay: float, prefix: str = "") -> Callable[[str], float]:
+    """lr scale decay^(depth + 1 - id) for a parameter name (with the wrapper's `prefix` removed)."""
+
+    def scale(name: str) -> float:
+        net_name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        return decay ** (depth + 1 - vit_layer_id(net_name, depth))
+
+    return scale

@@ -1,4 +1,5 @@
 """Methods: a network plus what its training step returns, `(loss, logs)`."""
+from .classify import Classify
 from .mae import MAE
 
-__all__ = ["MAE"]
+__all__ = ["Classify", "MAE"]

@@ -2,6 +2,7 @@
 from .mae import MAE_ARCHS, MaskedAutoencoderViT
 from .pos_embed import resize_pos_embed, sincos_2d
 from .vit import VIT_ARCHS, Attention, Block, VisionTransformer, capture_attention
+from .vit_rpe import RPE_ARCHS, VisionTransformerRPE
 
 __all__ = ["MAE_ARCHS", "VIT_ARCHS", "Attention", "Block", "MaskedAutoencoderViT", "VisionTransformer",
-           "capture_attention", "resize_pos_embed", "sincos_2d"]
+           "capture_attention", "resize_pos_embed", "sincos_2d", "RPE_ARCHS", "VisionTransformerRPE"]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from ..errors import UserError
 from .base import Recipe
+from .finetune import Finetune, FinetuneMAE, FinetuneRPE
 from .mae_lite import MaeLite, MaeLiteDemo
 
-RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (MaeLite, MaeLiteDemo)}
+RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (MaeLite, MaeLiteDemo, FinetuneMAE, Finetune, FinetuneRPE)}
 
 
 def _lookup() -> dict[str, type[Recipe]]:
@@ -47,4 +48,4 @@ def resolve_recipe(spec: str) -> type[Recipe]:
     return exp
 
 
-__all__ = ["RECIPES", "MaeLite", "MaeLiteDemo", "Recipe", "resolve_recipe"]
+__all__ = ["RECIPES", "Finetune", "FinetuneMAE", "FinetuneRPE", "MaeLite", "MaeLiteDemo", "Recipe", "resolve_recipe"]

@@ -1,0 +1,175 @@
+"""Fine-tuning recipes of the original (fact sheet 4.4-4.6): MAE's default, "impr." and impr. + RPE.
+
+Training from scratch is fine-tuning with no checkpoint (`pretrain_exp_name=scratch/...`), as in the
+seed. Outputs go to `<output_dir>/<pretrain_exp_name>/<save_folder_prefix>eval`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import timm
+import torch.nn as nn
+
+from ..data import build_dataset
+from ..data.transforms import eval_transform, finetune_transform
+from ..engine.checkpoint import load_checkpoint, load_pretrained
+from ..engine.log import LOGGER
+from ..engine.optim import build_optimizer, layer_decay_scale, param_groups
+from ..engine.schedule import WarmupCosine
+from ..errors import UserError
+from ..methods import Classify
+from .base import Recipe
+from .encoders import check_encoder_compatible
+
+
+class FinetuneMAE(Recipe):
+    """MAE's default fine-tuning recipe (`finetuning_mae_exp.py`)."""
+
+    name: ClassVar[str] = "finetuning_mae"
+    aliases: ClassVar[tuple[str, ...]] = ("finetuning_mae_exp.py", "finetuning_mae_exp")
+
+    pretrain_exp_name: Optional[str] = None  # required: the pre-training run (or scratch/<name>)
+    save_folder_prefix: str = "ft_mae_"
+    # model
+    encoder_arch: str = "vit_tiny_patch16"
+    num_classes: int = 1000
+    global_pool: bool = True
+    drop_path: float = 0.1
+    drop: float = 0.0
+    attn_drop_rate: float = 0.0
+    patch_size: Optional[int] = None
+    depth: Optional[int] = None
+    # optimisation: AdamW (0.9, 0.999), wd 0.05, lr 1e-3 x batch / 256, layer decay 0.85, 5 warm-up epochs, cosine to 1e-6
+    batch_size: int = 1024
+    max_epoch: int = 100
+    layer_decay: float = 0.85
+    min_lr: float = 1e-6
+    # augmentation (timm): RandAugment, random erasing, mixup/cutmix, label smoothing
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: Optional[float] = 0.4  # inactive while RandAugment is on (as in the original)
+    aa: Optional[str] = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    cutmix_minmax: Optional[tuple[float, float]] = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.1
+    train_interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    demo_samples: int = 2048
+
+    def validate(self) -> None:
+        super().validate()
+        if self.exp_name:
+            raise UserError("fine-tuning recipes name their folder <pretrain_exp_name>/<save_folder_prefix>eval: "
+                            "set pretrain_exp_name (and save_folder_prefix) instead of exp_name")
+        if not 0 < self.layer_decay <= 1:
+            raise UserError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.num_classes < 1:
+            raise UserError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.encoder_arch not in timm.list_models():
+            raise UserError(f"unknown encoder_arch {self.encoder_arch!r}")
+
+    @property
+    def run_name(self) -> str:
+        if not self.pretrain_exp_name:
+            raise UserError("set pretrain_exp_name= (the pre-training run, e.g. mae_lite/mae_tiny_400e, "
+                            "or scratch/vit_tiny to train from random initialisation)")
+        return str(Path(self.pretrain_exp_name) / f"{self.save_folder_prefix}eval")
+
+    def arch_record(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"img_size": self.img_size, "num_classes": self.num_classes,
+                                  "global_pool": self.global_pool}
+        if self.patch_size:
+            kwargs["patch_size"] = self.patch_size
+        if self.depth:
+            kwargs["depth"] = self.depth
+        return {"name": self.encoder_arch, "kwargs": kwargs}
+
+    def build_network(self) -> nn.Module:
+        arch = self.arch_record()
+        return timm.create_model(arch["name"], drop_path_rate=self.drop_path, drop_rate=self.drop,
+                                 attn_drop_rate=self.attn_drop_rate, **arch["kwargs"])
+
+    def build_model(self) -> Classify:
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        mixup = None
+        if self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None:
+            mixup = Mixup(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, cutmix_minmax=self.cutmix_minmax,
+                          prob=self.mixup_prob, switch_prob=self.mixup_switch_prob, mode=self.mixup_mode,
+                          label_smoothing=self.smoothing, num_classes=self.num_classes)
+            criterion: nn.Module = SoftTargetCrossEntropy()
+        elif self.smoothing > 0:
+            criterion = LabelSmoothingCrossEntropy(self.smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
+        return Classify(self.build_network(), criterion, mixup)
+
+    def build_datasets(self) -> dict:
+        train_tf = finetune_transform(self.img_size, self.scale, self.ratio, self.hflip, self.color_jitter, self.aa,
+                                      self.train_interpolation, self.reprob, self.remode, self.recount, self.mean,
+                                      self.std)
+        eval_tf = eval_transform(self.img_size, self.crop_pct, "bicubic", self.mean, self.std)
+        return {"train": build_dataset(self.dataset, self.data_root, "train", train_tf, self.demo_samples),
+                "eval": build_dataset(self.dataset, self.data_root, "eval", eval_tf, self.demo_samples)}
+
+    def build_optimizer(self, model: nn.Module):
+        net = model.model
+        skip = {f"model.{n}" for n in getattr(net, "no_weight_decay", lambda: set())()}
+        scale = layer_decay_scale(net.depth, self.layer_decay, prefix="model.")
+        return build_optimizer(param_groups(model, self.weight_decay, skip=skip, lr_scale=scale), self)
+
+    def build_schedule(self, optimizer, iters_per_epoch: int) -> WarmupCosine:
+        return WarmupCosine(optimizer, self.scaled_lr, total_steps=iters_per_epoch * self.max_epoch,
+                            warmup_steps=iters_per_epoch * self.warmup_epochs, warmup_lr=self.warmup_lr,
+                            min_lr=self.min_lr, scale_min_lr=True)  # the original scales the floor too
+
+    def pretrained_path(self, ckpt_path: Optional[str]) -> Path:
+        return Path(ckpt_path) if ckpt_path else Path(self.output_dir) / str(self.pretrain_exp_name) / "last_epoch_ckpt.pth.tar"
+
+    def load_initial_weights(self, model: nn.Module, ckpt_path: Optional[str]) -> Optional[str]:
+        """`--ckpt`, else <output_dir>/<pretrain_exp_name>/last_epoch_ckpt.pth.tar; none: train from scratch."""
+        path = self.pretrained_path(ckpt_path)
+        if not path.is_file():
+            if ckpt_path:
+                raise UserError(f"--ckpt {ckpt_path}: no such file")
+            LOGGER.info("notice: no checkpoint at %s: training from random initialisation (from scratch)", path)
+            return None
+        ckpt = load_checkpoint(path)
+        check_encoder_compatible(ckpt.get("arch"), model.model, path)
+        drop = ("decoder", "mask_token", "head")  # the head is always re-initialised
+        return load_pretrained(model.model, ckpt, prefix=self.weights_prefix, drop=drop).summary
+
+
+class Finetune(FinetuneMAE):
+    """The paper's improved recipe "impr." (`finetuning_exp.py`)."""
+
+    name: ClassVar[str] = "finetuning"
+    aliases: ClassVar[tuple[str, ...]] = ("finetuning_exp.py", "finetuning_exp")
+    max_epoch: int = 300
+    save_folder_prefix: str = "ft_"
+    drop_path: float = 0.0
+    color_jitter: Optional[float] = 0.3
+    aa: Optional[str] = "rand-m10-mstd0.5-inc1"
+    reprob: float = 0.0
+    mixup: float = 0.2
+    cutmix: float = 0.0
+    smoothing: float = 0.0
+
+
+class FinetuneRPE(Finetune):
+    """impr. with the relative-position-bias ViT (`finetuning_rpe_exp.py`)."""
+
+    name: ClassVar[str] = "finetuning_rpe"
+    aliases: ClassVar[tuple[str, ...]] = ("finetuning_rpe_exp.py", "finetuning_rpe_exp")
+    encoder_arch: str = "vit_tiny_patch16_rpe"
+    save_folder_prefix: str = "ft_impr_rpe_"

@@ -114,13 +114,16 @@ class FinetuneMAE(Recipe):
             criterion = nn.CrossEntropyLoss()
         return Classify(self.build_network(), criterion, mixup)
 
+    def build_eval_dataset(self):
+        eval_tf = eval_transform(self.img_size, self.crop_pct, "bicubic", self.mean, self.std)
+        return build_dataset(self.dataset, self.data_root, "eval", eval_tf, self.demo_samples)
+
     def build_datasets(self) -> dict:
         train_tf = finetune_transform(self.img_size, self.scale, self.ratio, self.hflip, self.color_jitter, self.aa,
                                       self.train_interpolation, self.reprob, self.remode, self.recount, self.mean,
                                       self.std)
-        eval_tf = eval_transform(self.img_size, self.crop_pct, "bicubic", self.mean, self.std)
         return {"train": build_dataset(self.dataset, self.data_root, "train", train_tf, self.demo_samples),
-                "eval": build_dataset(self.dataset, self.data_root, "eval", eval_tf, self.demo_samples)}
+                "eval": self.build_eval_dataset()}
 
     def build_optimizer(self, model: nn.Module):
         net = model.model

@@ -41,6 +41,8 @@ class Recipe:
     dataset: str = "ImageNet"
     img_size: int = 224
     num_workers: int = 10  # per process, capped by the CPU cores available to it
+    train_limit: Optional[int] = None  # keep only the first N training images (small-scale runs)
+    eval_limit: Optional[int] = None  # keep only the first N eval images
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     # optimisation
@@ -101,6 +103,9 @@ class Recipe:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise UserError(f"option '{key}' must be positive, got {getattr(self, key)}")
+        for key in ["train_limit", "eval_limit"]:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise UserError(f"option '{key}' must be >= 1 (or None for all), got {getattr(self, key)}")
         for key in ["num_workers", "warmup_epochs", "weight_decay", "warmup_lr", "min_lr", "lr", "clip_grad"]:
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise UserError(f"option '{key}' must be >= 0, got {getattr(self, key)}")
@@ -141,6 +146,13 @@ class Recipe:
     def build_datasets(self) -> dict[str, Optional[torch.utils.data.Dataset]]:
         """{"train": dataset, "eval": dataset or None}."""
         raise NotImplementedError
+
+    def limited(self, dataset: torch.utils.data.Dataset, split: str) -> torch.utils.data.Dataset:
+        """The first `train_limit` / `eval_limit` items of a split, or all of them."""
+        n = self.train_limit if split == "train" else self.eval_limit
+        if n is None or n >= len(dataset):
+            return dataset
+        return torch.utils.data.Subset(dataset, range(n))
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(param_groups(model, self.weight_decay), self)

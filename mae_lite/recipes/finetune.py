@@ -116,14 +116,14 @@ class FinetuneMAE(Recipe):
 
     def build_eval_dataset(self):
         eval_tf = eval_transform(self.img_size, self.crop_pct, "bicubic", self.mean, self.std)
-        return build_dataset(self.dataset, self.data_root, "eval", eval_tf, self.demo_samples)
+        return self.limited(build_dataset(self.dataset, self.data_root, "eval", eval_tf, self.demo_samples), "eval")
 
     def build_datasets(self) -> dict:
         train_tf = finetune_transform(self.img_size, self.scale, self.ratio, self.hflip, self.color_jitter, self.aa,
                                       self.train_interpolation, self.reprob, self.remode, self.recount, self.mean,
                                       self.std)
-        return {"train": build_dataset(self.dataset, self.data_root, "train", train_tf, self.demo_samples),
-                "eval": self.build_eval_dataset()}
+        train = build_dataset(self.dataset, self.data_root, "train", train_tf, self.demo_samples)
+        return {"train": self.limited(train, "train"), "eval": self.build_eval_dataset()}
 
     def build_optimizer(self, model: nn.Module):
         net = model.model

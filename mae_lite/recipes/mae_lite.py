@@ -70,7 +70,8 @@ class MaeLite(Recipe):
 
     def build_datasets(self) -> dict:
         tf = pretrain_transform(self.img_size, self.scale, self.ratio, self.interpolation, self.hflip, self.mean, self.std)
-        return {"train": build_dataset(self.dataset, self.data_root, "train", tf, self.demo_samples), "eval": None}
+        train = build_dataset(self.dataset, self.data_root, "train", tf, self.demo_samples)
+        return {"train": self.limited(train, "train"), "eval": None}
 
 
 class MaeLiteDemo(MaeLite):

@@ -78,6 +78,8 @@ def test_optimizer_groups_use_layer_decay_and_no_decay_rules():
     sched.step(50)
     g = by_name["model.blocks.1.attn.qkv.weight"]
     assert g["lr"] == pytest.approx(recipe.scaled_lr * 0.85)  # end of warm-up: peak x scale
+    sched.step(50 + (recipe.max_epoch * 10 - 50) // 2)  # middle of the cosine: halfway between peak and floor
+    assert g["lr"] == pytest.approx(0.5 * (recipe.scaled_lr + 1e-6) * 0.85)
     sched.step(recipe.max_epoch * 10)  # end: min_lr scaled by the group, as the original
     assert g["lr"] == pytest.approx(1e-6 * 0.85)
 
@@ -194,3 +196,36 @@ def test_rpe_recipe_builds_rpe_model():
     method = FinetuneRPE(pretrain_exp_name="p", **SMALL).build_model()
     assert type(method.model).__name__ == "VisionTransformerRPE"
     assert any("relative_position_bias_table" in k for k in method.model.state_dict())
+
+
+def test_two_process_eval_counts_every_image_once(tmp_path, capsys):
+    """7 eval images over 2 gloo processes: the top-1 logged by training equals ssl_eval's in one process."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from mae_lite.cli.eval import main as ssl_eval
+
+    rng = np.random.default_rng(1)
+    for c in range(3):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(3 if c < 2 else 1):  # 7 images: not divisible by 2 processes
+            Image.fromarray((rng.random((36, 36, 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    opts = [f"output_dir={tmp_path}", "pretrain_exp_name=scratch/ddp", f"dataset=folder:{tmp_path / 'imgs'}", "img_size=32",
+            "patch_size=4", "depth=2", "num_classes=3", "num_workers=0", "mixup=0", "aa=none", "lr=0.05"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "mae_lite.cli.train", "-d", "cpu:2", "-f", "finetuning", "-b", "4",
+                           "-e", "2", "--exp-options", *opts], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "scratch/ddp/ft_eval"
+    log = next(out.glob("train_log-*.txt")).read_text()
+    top1 = float([line for line in log.splitlines() if "Top1:" in line][-1].split("Top1:")[1].split(",")[0])
+    capsys.readouterr()
+    assert ssl_eval(["-d", "cpu", "-b", "3", "-f", "finetuning", "--ckpt", str(out / "last_epoch_ckpt.pth.tar"),
+                     "--exp-options", *opts[2:]]) == 0
+    single = float(capsys.readouterr().out.split("Top1:")[1].split(",")[0])
+    assert top1 == pytest.approx(single)
+    assert single * 7 / 100 == pytest.approx(round(single * 7 / 100), abs=1e-3)  # a whole number of the 7 images

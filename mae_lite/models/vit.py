@@ -23,6 +23,24 @@ from ._registry import register
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
+def attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * attn.scale + bias) v, with `attn.attn_drop`, for q/k/v of shape [B, heads, N, d].
+
+    The explicit maths runs when a hook on `attn.identity` wants the logits (they pass through it), and
+    on the CPU for short sequences, where it beats SDPA for 12 heads of 16 dims (MAE's 50 visible tokens:
+    11.7 vs 18.3 ms per block, docs/performance.md); otherwise `F.scaled_dot_product_attention`.
+    """
+    ident = attn.identity
+    if ident._forward_hooks or ident._forward_pre_hooks or (not q.is_cuda and q.shape[-2] <= 100):
+        logits = q @ k.transpose(-2, -1) * attn.scale
+        if bias is not None:
+            logits = logits + bias
+        return attn.attn_drop(ident(logits).softmax(dim=-1)) @ v
+    p = attn.attn_drop.p if attn.training else 0.0
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), dropout_p=p)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 12, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -39,14 +57,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        # Explicit maths when a hook wants the logits, and on the CPU for short sequences, where it beats
-        # SDPA for 12 heads of 16 dims (MAE's 50 visible tokens: 11.7 vs 18.3 ms per block, docs/performance.md).
-        if self.identity._forward_hooks or self.identity._forward_pre_hooks or (not x.is_cuda and N <= 100):
-            logits = self.identity(q @ k.transpose(-2, -1) * self.scale)
-            x = self.attn_drop(logits.softmax(dim=-1)) @ v
-        else:
-            p = self.attn_drop.p if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        x = attend(self, q, k, v)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -85,7 +96,22 @@ def capture_attention(model: nn.Module, layers: Sequence[int] | None = None) -> 
             h.remove()
 
 
-class VisionTransformer(nn.Module):
+class PooledHead:
+    """Mean pooling + `fc_norm` (global_pool) or cls token + `norm`, then `head`; shared by the ViT families."""
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.global_pool else self.norm(x)[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class VisionTransformer(PooledHead, nn.Module):
     """Classification ViT: learned absolute position embedding, cls token, optional mean pooling."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -131,10 +157,6 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -142,13 +164,6 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.global_pool else self.norm(x)[:, 0]
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 VIT_ARCHS = {

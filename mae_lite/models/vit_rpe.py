@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
 
 from ._registry import register
-from .vit import LayerNorm
+from .vit import LayerNorm, PooledHead, attend
 
 
 def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
@@ -80,13 +80,7 @@ class RPEAttention(nn.Module):
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.relative_position_bias().unsqueeze(0)
-        if self.identity._forward_hooks or self.identity._forward_pre_hooks or (not x.is_cuda and N <= 100):
-            logits = self.identity(q @ k.transpose(-2, -1) * self.scale + bias)
-            x = self.attn_drop(logits.softmax(dim=-1)) @ v
-        else:
-            p = self.attn_drop.p if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)
+        x = attend(self, q, k, v, self.relative_position_bias().unsqueeze(0))
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -127,7 +121,7 @@ class RPEBlock(nn.Module):
         return x + self.drop_path(m if self.gamma_2 is None else self.gamma_2 * m)
 
 
-class VisionTransformerRPE(nn.Module):
+class VisionTransformerRPE(PooledHead, nn.Module):
     """Classification ViT with per-block relative position bias (BEiT style), as MAE-Lite's RPE recipe uses."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -188,10 +182,6 @@ class VisionTransformerRPE(nn.Module):
             blk.attn.proj.weight.div_(math.sqrt(2.0 * layer))
             blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}  # relative position tables do get weight decay, as in the original
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -201,13 +191,6 @@ class VisionTransformerRPE(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.global_pool else self.norm(x)[:, 0]
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 RPE_ARCHS = {

@@ -139,7 +139,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     else:
         summary = recipe.load_initial_weights(model, init_ckpt)
         if summary:
-            LOGGER.info("initial weights from %s: %s", init_ckpt, summary)
+            LOGGER.info("initial weights from %s", summary)
     if env.distributed:
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     method = unwrap(model)

@@ -167,9 +167,9 @@ class Recipe:
         return {}
 
     def load_initial_weights(self, model: nn.Module, ckpt_path: Optional[str]) -> Optional[str]:
-        """Initialise from `ssl_train --ckpt` at the start of a run (never on --resume); return a summary."""
+        """Initialise from `ssl_train --ckpt` at the start of a run (never on --resume); return "<path>: <summary>"."""
         if not ckpt_path:
             return None
         from ..engine.checkpoint import load_pretrained
 
-        return load_pretrained(model.model, ckpt_path, prefix=self.weights_prefix).summary
+        return f"{ckpt_path}: {load_pretrained(model.model, ckpt_path, prefix=self.weights_prefix).summary}"

@@ -150,7 +150,7 @@ class FinetuneMAE(Recipe):
         ckpt = load_checkpoint(path)
         check_encoder_compatible(ckpt.get("arch"), model.model, path)
         drop = ("decoder", "mask_token", "head")  # the head is always re-initialised
-        return load_pretrained(model.model, ckpt, prefix=self.weights_prefix, drop=drop).summary
+        return f"{path}: {load_pretrained(model.model, ckpt, prefix=self.weights_prefix, drop=drop).summary}"
 
 
 class Finetune(FinetuneMAE):

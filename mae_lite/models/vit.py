@@ -96,6 +96,15 @@ def capture_attention(model: nn.Module, layers: Sequence[int] | None = None) -> 
             h.remove()
 
 
+def pool_flag(global_pool: bool | str) -> bool:
+    """True for mean pooling, False for the cls token; timm's spellings 'avg' / 'token' accepted."""
+    if isinstance(global_pool, str):
+        if global_pool not in ("avg", "token"):
+            raise ValueError(f"global_pool must be True/'avg' (mean of patch tokens) or False/'token', got {global_pool!r}")
+        return global_pool == "avg"
+    return bool(global_pool)
+
+
 class PooledHead:
     """Mean pooling + `fc_norm` (global_pool) or cls token + `norm`, then `head`; shared by the ViT families."""
 
@@ -119,12 +128,8 @@ class VisionTransformer(PooledHead, nn.Module):
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, global_pool: bool | str = True):
         super().__init__()
-        if isinstance(global_pool, str):  # timm's spelling
-            if global_pool not in ("avg", "token"):
-                raise ValueError(f"global_pool must be True/'avg' (mean of patch tokens) or False/'token', got {global_pool!r}")
-            global_pool = global_pool == "avg"
         self.num_classes, self.embed_dim, self.depth, self.num_heads = num_classes, embed_dim, depth, num_heads
-        self.global_pool = global_pool
+        self.global_pool = pool_flag(global_pool)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -133,7 +138,7 @@ class VisionTransformer(PooledHead, nn.Module):
         dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth grows linearly
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i]) for i in range(depth))
-        if global_pool:
+        if self.global_pool:
             self.fc_norm = LayerNorm(embed_dim)
         else:
             self.norm = LayerNorm(embed_dim)

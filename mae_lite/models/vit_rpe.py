@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
 
 from ._registry import register
-from .vit import LayerNorm, PooledHead, attend
+from .vit import LayerNorm, PooledHead, attend, pool_flag
 
 
 def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
@@ -130,13 +130,9 @@ class VisionTransformerRPE(PooledHead, nn.Module):
                  init_values: float | None = 0.1, use_abs_pos_emb: bool = True, global_pool: bool | str = True,
                  init_scale: float = 0.001):
         super().__init__()
-        if isinstance(global_pool, str):  # timm's spelling
-            if global_pool not in ("avg", "token"):
-                raise ValueError(f"global_pool must be True/'avg' (mean of patch tokens) or False/'token', got {global_pool!r}")
-            global_pool = global_pool == "avg"
         self.num_classes, self.embed_dim, self.depth, self.num_heads = num_classes, embed_dim, depth, num_heads
         self.num_features = embed_dim
-        self.global_pool = global_pool
+        self.global_pool = pool_flag(global_pool)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         grid = tuple(self.patch_embed.grid_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -146,7 +142,7 @@ class VisionTransformerRPE(PooledHead, nn.Module):
         self.blocks = nn.ModuleList(
             RPEBlock(embed_dim, num_heads, grid, mlp_ratio, drop_rate, attn_drop_rate, dpr[i], init_values)
             for i in range(depth))
-        if global_pool:
+        if self.global_pool:
             self.norm = nn.Identity()
             self.fc_norm = LayerNorm(embed_dim)
         else:

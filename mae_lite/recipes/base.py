@@ -158,6 +158,7 @@ class Recipe:
         return build_optimizer(param_groups(model, self.weight_decay), self)
 
     def build_schedule(self, optimizer: torch.optim.Optimizer, iters_per_epoch: int) -> WarmupCosine:
+        """Warm-up + cosine per iteration; with layer decay the min_lr floor is scaled per group, as the original."""
         return WarmupCosine(optimizer, self.scaled_lr, total_steps=iters_per_epoch * self.max_epoch,
                             warmup_steps=iters_per_epoch * self.warmup_epochs, warmup_lr=self.warmup_lr,
                             min_lr=self.min_lr)

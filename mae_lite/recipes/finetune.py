@@ -16,7 +16,6 @@ from ..data.transforms import eval_transform, finetune_transform
 from ..engine.checkpoint import load_checkpoint, load_pretrained
 from ..engine.log import LOGGER
 from ..engine.optim import build_optimizer, layer_decay_scale, param_groups
-from ..engine.schedule import WarmupCosine
 from ..errors import UserError
 from ..methods import Classify
 from .base import Recipe
@@ -130,11 +129,6 @@ class FinetuneMAE(Recipe):
         skip = {f"model.{n}" for n in getattr(net, "no_weight_decay", lambda: set())()}
         scale = layer_decay_scale(net.depth, self.layer_decay, prefix="model.")
         return build_optimizer(param_groups(model, self.weight_decay, skip=skip, lr_scale=scale), self)
-
-    def build_schedule(self, optimizer, iters_per_epoch: int) -> WarmupCosine:
-        return WarmupCosine(optimizer, self.scaled_lr, total_steps=iters_per_epoch * self.max_epoch,
-                            warmup_steps=iters_per_epoch * self.warmup_epochs, warmup_lr=self.warmup_lr,
-                            min_lr=self.min_lr, scale_min_lr=True)  # the original scales the floor too
 
     def pretrained_path(self, ckpt_path: Optional[str]) -> Path:
         return Path(ckpt_path) if ckpt_path else Path(self.output_dir) / str(self.pretrain_exp_name) / "last_epoch_ckpt.pth.tar"

@@ -21,9 +21,9 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def eval_loader(dataset: Dataset, batch: int, env: DistEnv, workers: int) -> DataLoader:
+def eval_loader(dataset: Dataset, batch: int, env: DistEnv, workers: int, collate_fn=None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), env), num_workers=workers,
-                      pin_memory=env.device.type == "cuda")
+                      pin_memory=env.device.type == "cuda", collate_fn=collate_fn)
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ class RunResult:
     visuals: list[str] = field(default_factory=list)
     top1: Optional[float] = None
     top5: Optional[float] = None
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation (recipe.evaluate)
     seconds: float = 0.0
 
 
@@ -48,13 +49,24 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def make_loader(dataset, batch: int, env: DistEnv, workers: int, train: bool) -> DataLoader:
+def make_loader(dataset, batch: int, env: DistEnv, workers: int, train: bool, collate_fn=None) -> DataLoader:
     """Workers are not persistent: fresh ones each epoch draw their seeds from the main random stream,
     which --resume restores, so a resumed run sees the same crops as an uninterrupted one."""
     sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=train, drop_last=train) if env.distributed else None
     return DataLoader(dataset, batch_size=batch, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=workers, pin_memory=env.device.type == "cuda", drop_last=train,
-                      persistent_workers=False)
+                      persistent_workers=False, collate_fn=collate_fn)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors anywhere in a batch (a tensor, two views, a list of detection targets) moved to `device`."""
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -102,9 +114,11 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
         raise UserError(f"the training set has {len(train_ds)} images, fewer than one batch (-b {recipe.batch_size}); "
                         "lower -b")
     workers = min(recipe.num_workers, cpu_cores() // local_procs)
-    loader = make_loader(train_ds, per_proc, env, workers, train=True)
+    collate = recipe.collate_fn()
+    loader = make_loader(train_ds, per_proc, env, workers, train=True, collate_fn=collate)
     iters = len(loader)
-    val_loader = eval_loader(datasets["eval"], per_proc, env, workers) if datasets.get("eval") is not None else None
+    val_loader = (eval_loader(datasets["eval"], per_proc, env, workers, collate_fn=collate)
+                  if datasets.get("eval") is not None else None)
 
     # ----- model, optimiser, schedule, precision ------------------------------------------------
     model = recipe.build_model().to(env.device)
@@ -114,7 +128,8 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     if amp and env.device.type == "cpu":
         LOGGER.info("--amp on CPU: bfloat16 autocast (no GradScaler); without AMX it is slower than fp32")
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp and env.device.type == "cuda")
-    start_epoch, best = 0, {"best_top1": 0.0, "best_top5": 0.0, "best_top1_epoch": -1}
+    primary = recipe.primary_metric
+    start_epoch, best = 0, {f"best_{primary}": 0.0, f"best_{primary}_epoch": -1}
 
     ckpt_file = out / CKPT_NAME
     if resume_requested:
@@ -133,7 +148,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["start_epoch"])
-        best = {k: ckpt.get(k, v) for k, v in best.items()}
+        best = {k: v for k, v in ckpt.items() if k.startswith("best_")} or best
         restore_rng_state(ckpt.get("rng"), env)
         LOGGER.info("resumed from %s at epoch %d", src, start_epoch)
     else:
@@ -173,8 +188,9 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                 t_data = time.perf_counter()
                 step = epoch * iters + it
                 schedule.step(step)
-                images = images.to(env.device, non_blocking=True)
-                target = target.to(env.device, non_blocking=True)
+                images, target = to_device(images, env.device), to_device(target, env.device)
+                if hasattr(method, "set_progress"):  # methods with per-step schedules of their own (MoCo momentum)
+                    method.set_progress(step, total_steps)
                 with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp):
                     loss, logs = model(images, target)
                 loss_avg = all_reduce_mean(loss.detach().float(), env)
@@ -227,16 +243,19 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
             last = epoch + 1 == recipe.max_epoch
             is_best = False
             if val_loader is not None and ((epoch + 1) % recipe.eval_interval == 0 or last):
-                top1, top5 = evaluate(method.model, val_loader, env, amp)
-                is_best = best["best_top1_epoch"] < 0 or top1 > best["best_top1"]
+                metrics = recipe.evaluate(method, val_loader, env, amp)
+                value = metrics[primary]
+                is_best = best.get(f"best_{primary}_epoch", -1) < 0 or value > best[f"best_{primary}"]
                 if is_best:
-                    best = {"best_top1": top1, "best_top5": top5, "best_top1_epoch": epoch + 1}
-                result.top1, result.top5 = top1, top5
-                LOGGER.info("epoch %d: Top1: %.3f, Top5: %.3f (best Top1 %.3f at epoch %d)", epoch + 1, top1, top5,
-                            best["best_top1"], best["best_top1_epoch"])
+                    best = {**{f"best_{k}": v for k, v in metrics.items()}, f"best_{primary}_epoch": epoch + 1}
+                result.metrics = metrics
+                result.top1, result.top5 = metrics.get("top1"), metrics.get("top5")
+                shown = ", ".join(f"{_title(k)}: {v:.3f}" for k, v in metrics.items())
+                LOGGER.info("epoch %d: %s (best %s %.3f at epoch %d)", epoch + 1, shown, _title(primary),
+                            best[f"best_{primary}"], best[f"best_{primary}_epoch"])
                 if tb:
-                    tb.add_scalar("Val/Top1", top1, (epoch + 1) * iters)
-                    tb.add_scalar("Val/Top5", top5, (epoch + 1) * iters)
+                    for k, v in metrics.items():
+                        tb.add_scalar(f"Val/{_title(k)}", v, (epoch + 1) * iters)
             save = is_best or (epoch + 1) % recipe.dump_interval == 0 or last
             if save:
                 rng = gather_rng_states(env)  # collective: every rank takes part
@@ -309,6 +328,11 @@ def _check_arch(ckpt: dict[str, Any], recipe, src) -> None:
     if saved and now and saved != now:
         raise UserError(f"--resume: {src} was written for {saved}, but this run builds {now}; "
                         "use the same encoder_arch and model options, or another exp_name")
+
+
+def _title(metric: str) -> str:
+    """`top1` -> `Top1` (the original's log spelling); other metric names as they are."""
+    return metric[0].upper() + metric[1:] if metric.startswith("top") else metric
 
 
 def _version() -> str:

@@ -1,7 +1,9 @@
 """Recipes by name: built-in names, the original's `*_exp.py` file names, or a user's Python file defining `Exp`."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -10,7 +12,22 @@ from .base import Recipe
 from .finetune import Finetune, FinetuneMAE, FinetuneRPE
 from .mae_lite import MaeLite, MaeLiteDemo
 
-RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (MaeLite, MaeLiteDemo, FinetuneMAE, Finetune, FinetuneRPE)}
+
+def _discover() -> dict[str, type[Recipe]]:
+    """Every recipe class defined in a module of this package: adding a recipe is adding a file."""
+    found: dict[str, type[Recipe]] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, Recipe) and obj.__module__ == module.__name__
+                    and obj.name != "base"):
+                if obj.name in found and found[obj.name] is not obj:
+                    raise RuntimeError(f"two recipes are named {obj.name!r}: {found[obj.name]} and {obj}")
+                found[obj.name] = obj
+    return found
+
+
+RECIPES: dict[str, type[Recipe]] = _discover()
 
 
 def _lookup() -> dict[str, type[Recipe]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Recipe:
     name: ClassVar[str] = "base"
     aliases: ClassVar[tuple[str, ...]] = ()
+    primary_metric: ClassVar[str] = "top1"  # the key of evaluate()'s result that picks the best checkpoint
 
     # run and output
     exp_name: str = ""  # empty: the recipe's name
@@ -153,6 +154,18 @@ class Recipe:
         if n is None or n >= len(dataset):
             return dataset
         return torch.utils.data.Subset(dataset, range(n))
+
+    def collate_fn(self) -> Optional[Callable]:
+        """How the loaders batch items; None: torch's default (stacked tensors, or tuples of them)."""
+        return None
+
+    def evaluate(self, method: nn.Module, loader, env, amp: bool = False) -> dict[str, float]:
+        """Metrics on the eval split, run every `eval_interval` epochs; must contain `primary_metric`.
+        Default: top-1/top-5 of the method's network `.model` on a classification split."""
+        from ..engine.evaluate import evaluate
+
+        top1, top5 = evaluate(method.model, loader, env, amp)
+        return {"top1": top1, "top5": top5}
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(param_groups(model, self.weight_decay), self)

@@ -96,6 +96,27 @@ def capture_attention(model: nn.Module, layers: Sequence[int] | None = None) -> 
             h.remove()
 
 
+@contextmanager
+def capture_representations(model: nn.Module, layers: Sequence[int] | None = None) -> Iterator[dict[int, torch.Tensor]]:
+    """Collect the token representations the original compares and distils (its `RepCatcher`), cls included:
+    layer i < depth is the output of `blocks[i].norm1` (block i's normalised input), layer depth that of the
+    final `norm`. Yields {layer: [B, N, dim]} filled during forwards inside the block."""
+    depth = len(model.blocks)
+    layers = range(depth + 1) if layers is None else layers
+    caught: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in layers:
+        if not 0 <= i <= depth:
+            raise ValueError(f"representation layer {i} is outside 0..{depth}")
+        module = model.norm if i == depth else model.blocks[i].norm1
+        handles.append(module.register_forward_hook(lambda m, inp, out, i=i: caught.__setitem__(i, out)))
+    try:
+        yield caught
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def pool_flag(global_pool: bool | str) -> bool:
     """True for mean pooling, False for the cls token; timm's spellings 'avg' / 'token' accepted."""
     if isinstance(global_pool, str):

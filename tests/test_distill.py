@@ -1,6 +1,7 @@
 """D-MAE: attention (and hidden-state) distillation from a frozen MAE teacher (fact sheet 4.2)."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import subprocess
@@ -231,6 +232,11 @@ def test_teacher_in_official_format_and_our_format_are_read(tmp_path):
     save_checkpoint({"model": {f"model.{k}": v for k, v in ref.items()}}, tmp_path / "ours.pth.tar")
     teacher2 = MaeLiteDistill(**RECIPE, teacher_ckpt_path=str(tmp_path / "ours.pth.tar")).build_teacher()
     assert torch.equal(teacher2.blocks[1].mlp.fc2.weight, ref["blocks.1.mlp.fc2.weight"])
+    # facebookresearch/mae's training checkpoints also hold an argparse.Namespace of the run's arguments
+    torch.save({"model": ref, "epoch": 1599, "args": argparse.Namespace(model="mae_vit_base_patch16", blr=1.5e-4)},
+               tmp_path / "checkpoint-1599.pth")
+    teacher3 = MaeLiteDistill(**RECIPE, teacher_ckpt_path=str(tmp_path / "checkpoint-1599.pth")).build_teacher()
+    assert torch.equal(teacher3.blocks[0].attn.qkv.weight, ref["blocks.0.attn.qkv.weight"])
 
 
 def test_missing_or_mismatched_teacher_is_a_one_line_error_before_training(tmp_path, capsys):

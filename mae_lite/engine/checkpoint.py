@@ -6,6 +6,7 @@ name and arguments), "recipe" and "config".
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -37,12 +38,16 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint on the CPU with `weights_only=True`; any problem is a one-line UserError."""
+    """Read a checkpoint on the CPU with `weights_only=True`; any problem is a one-line UserError.
+
+    `argparse.Namespace` is allowed besides tensors and containers: facebookresearch/mae's training
+    checkpoints store their arguments as one, and it only holds attributes."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torn file, not a torch file, or a pickle that needs arbitrary code
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: {first[:200]}") from None

@@ -11,6 +11,7 @@ from torchvision.datasets import ImageFolder
 from ..errors import UserError
 from .demo import DemoPhotos
 from .fashion_mnist import FashionMNIST
+from .transfer_sets import is_transfer_set, split_subfolder, transfer_set
 
 IMAGENET_SPLITS = {"train": "imagenet_train", "eval": "imagenet_val"}
 
@@ -33,10 +34,14 @@ def image_folder(root: Path, transform: Optional[Callable], what: str) -> ImageF
 
 
 def build_dataset(name: str, data_root: str, split: str, transform: Optional[Callable],
-                  demo_samples: int = 2048) -> Dataset:
+                  demo_samples: int = 2048, class_type: str = "") -> Dataset:
     """`name` is `ImageNet` (<data_root>/imagenet/imagenet_{train,val}), `demo` (the embedded photos),
     `FashionMNIST` (IDX files under <data_root>/fashion_mnist/ or Debian's /usr/share/datasets/fashion-mnist/),
-    or `folder:<path>` (any class-per-sub-folder tree)."""
+    a transfer set (`CIFAR10`, `CIFAR100`, `Flowers`, `Pets`, `Aircraft`, `Cars`, `iNat2018`: see
+    transfer_sets.py; `class_type` picks e.g. Aircraft's variant/family/manufacturer),
+    or `folder:<path>` (any class-per-sub-folder tree; one with train/ and val/ (or test/) sub-trees is split)."""
+    if is_transfer_set(name):
+        return transfer_set(name, data_root, split, transform, class_type)
     if name.lower() == "imagenet":
         return image_folder(Path(data_root) / "imagenet" / IMAGENET_SPLITS[split], transform, f"ImageNet {split} split")
     if name.lower() == "demo":
@@ -44,5 +49,6 @@ def build_dataset(name: str, data_root: str, split: str, transform: Optional[Cal
     if name.lower() == "fashionmnist":
         return FashionMNIST(data_root, train=split == "train", transform=transform)
     if name.startswith("folder:"):
-        return image_folder(Path(name[len("folder:"):]), transform, "image folder")
-    raise UserError(f"unknown dataset {name!r}: use ImageNet, demo, FashionMNIST, or folder:<path to class sub-folders>")
+        return image_folder(split_subfolder(Path(name[len("folder:"):]), split), transform, "image folder")
+    raise UserError(f"unknown dataset {name!r}: use ImageNet, demo, FashionMNIST, CIFAR10, CIFAR100, Flowers, Pets, "
+                    "Aircraft, Cars, iNat2018, or folder:<path to class sub-folders>")

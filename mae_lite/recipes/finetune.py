@@ -71,7 +71,7 @@ class FinetuneMAE(Recipe):
                             "set pretrain_exp_name (and save_folder_prefix) instead of exp_name")
         if not 0 < self.layer_decay <= 1:
             raise UserError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.num_classes < 1:
+        if self.num_classes is not None and self.num_classes < 1:  # None: from the data set (transfer)
             raise UserError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.encoder_arch not in timm.list_models():
             raise UserError(f"unknown encoder_arch {self.encoder_arch!r}")

@@ -35,7 +35,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     tune_allocator()
     recipe = build_recipe(args.exp_file, args.exp_options, args.batch_size)
-    if not hasattr(recipe, "build_eval_dataset"):
+    if not hasattr(recipe, "build_eval_dataset") and not hasattr(recipe, "eval_checkpoint"):
         raise UserError(f"recipe {recipe.name} has no classification eval split; use a fine-tuning recipe with -f")
     if launched_by_torchrun():
         kind = "cuda" if torch.cuda.is_available() and not args.devices.lower().startswith("cpu") else "cpu"
@@ -45,6 +45,11 @@ def _main(argv: Optional[list[str]] = None) -> int:
         kind = spec.kind if spec.kind == "cpu" or torch.cuda.is_available() else "cpu"
         env = init_process(0, 1, spec.ids[0] if kind == "cuda" else 0, kind)
     try:
+        if hasattr(recipe, "eval_checkpoint"):  # detection: COCO box/mask AP lines from the recipe's evaluate
+            lines = recipe.eval_checkpoint(args.ckpt, env, args.amp)
+            if env.is_main:
+                print("\n".join(lines))
+            return 0
         ckpt = load_checkpoint(args.ckpt)
         net = recipe.build_network()
         state, own = network_state(ckpt, recipe.weights_prefix), net.state_dict()

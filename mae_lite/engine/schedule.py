@@ -44,3 +44,19 @@ class WarmupCosine:
 
     def load_state_dict(self, state: dict) -> None:
         self.last_count = int(state.get("last_count", 0))
+
+
+class WarmupMultiStep(WarmupCosine):
+    """detectron2's schedule (detection): lr x gamma^(milestones passed), after a linear warm-up factor
+    warmup_factor + (1 - warmup_factor) t / W for t < W. Same interface as `WarmupCosine`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, total_steps: int, milestones: list[int],
+                 gamma: float = 0.1, warmup_steps: int = 0, warmup_factor: float = 0.001):
+        super().__init__(optimizer, lr, total_steps, warmup_steps)
+        self.milestones, self.gamma, self.warmup_factor = sorted(milestones), gamma, warmup_factor
+
+    def value(self, t: int, scale: float = 1.0) -> float:
+        lr = scale * self.lr * self.gamma ** sum(t >= m for m in self.milestones)
+        if t < self.warmup_steps:
+            lr *= self.warmup_factor + (1.0 - self.warmup_factor) * t / self.warmup_steps
+        return lr

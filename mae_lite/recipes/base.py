@@ -26,6 +26,7 @@ class Recipe:
     name: ClassVar[str] = "base"
     aliases: ClassVar[tuple[str, ...]] = ()
     primary_metric: ClassVar[str] = "top1"  # the key of evaluate()'s result that picks the best checkpoint
+    optimizers: ClassVar[tuple[str, ...]] = ("adamw", "sgd")  # accepted values of `opt` (build_optimizer knows them)
 
     # run and output
     exp_name: str = ""  # empty: the recipe's name
@@ -112,8 +113,8 @@ class Recipe:
                 raise UserError(f"option '{key}' must be >= 0, got {getattr(self, key)}")
         if self.clip_mode not in ("norm", "value"):
             raise UserError(f"option 'clip_mode' must be 'norm' or 'value', got {self.clip_mode!r}")
-        if self.opt.lower() not in ("adamw", "sgd"):
-            raise UserError(f"option 'opt' must be 'adamw' or 'sgd', got {self.opt!r}")
+        if self.opt.lower() not in self.optimizers:
+            raise UserError(f"option 'opt' must be {' or '.join(repr(o) for o in self.optimizers)}, got {self.opt!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.fields()}

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..models.vit import capture_attention
-from .features import eval_mode, run_encoder
+from .features import eval_mode, image_batches, run_encoder
 
 
 def grid_distances(grid: tuple[int, int], scale: float = 1.0) -> torch.Tensor:
@@ -57,12 +57,7 @@ def attention_stats(model: nn.Module, loader: Iterable, device: torch.device | s
     ent_sum = torch.zeros(depth, heads, dtype=torch.float64, device=device)
     dist_sum = torch.zeros_like(ent_sum)
     seen = 0
-    for batch in loader:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if max_images is not None:
-            images = images[: max_images - seen]
-        if len(images) == 0:
-            break
+    for images in image_batches(loader, max_images):
         with eval_mode(model), capture_attention(model) as caught:
             run_encoder(model, images.to(device))
         for i in range(depth):
@@ -70,8 +65,6 @@ def attention_stats(model: nn.Module, loader: Iterable, device: torch.device | s
             ent_sum[i] += e
             dist_sum[i] += d
         seen += len(images)
-        if max_images is not None and seen >= max_images:
-            break
     if seen == 0:
         raise ValueError("attention_stats: the loader gave no images")
     return (ent_sum / seen).cpu().numpy(), (dist_sum / seen).cpu().numpy()

@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .features import catch_layers, eval_mode, run_encoder
+from .features import catch_layers, eval_mode, image_batches, run_encoder
 
 MIN_BATCH = 4
 
@@ -82,13 +82,7 @@ def layer_cka(model1: nn.Module, model2: nn.Module, loader: Iterable, device: to
     """[depth1 + 1, depth2 + 1] minibatch CKA between the layer representations of two models, both fed
     the same images of `loader` (at most `max_images`)."""
     acc = MinibatchCKA(len(model1.blocks) + 1, len(model2.blocks) + 1)
-    seen = 0
-    for batch in loader:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if max_images is not None:
-            images = images[: max_images - seen]
-        if len(images) == 0:
-            break
+    for images in image_batches(loader, max_images):
         images = images.to(device)
         with eval_mode(model1, model2):
             with catch_layers(model1) as r1:
@@ -96,7 +90,4 @@ def layer_cka(model1: nn.Module, model2: nn.Module, loader: Iterable, device: to
             with catch_layers(model2) as r2:
                 run_encoder(model2, images)
         acc.update([r1[i] for i in sorted(r1)], [r2[i] for i in sorted(r2)])
-        seen += len(images)
-        if max_images is not None and seen >= max_images:
-            break
     return acc.result()

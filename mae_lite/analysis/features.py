@@ -7,7 +7,7 @@ patch grid.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,21 @@ def num_prefix_tokens(model: nn.Module, tokens: int) -> int:
     """Tokens before the patch tokens (the cls token), from the sequence length and the patch grid."""
     h, w = model.patch_embed.grid_size
     return tokens - h * w
+
+
+def image_batches(loader: Iterable, max_images: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """The image tensors of a loader's batches ((images, labels) or bare images), cut off at `max_images`."""
+    seen = 0
+    for batch in loader:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if max_images is not None:
+            images = images[: max_images - seen]
+        if len(images) == 0:
+            return
+        seen += len(images)
+        yield images
+        if max_images is not None and seen >= max_images:
+            return
 
 
 @contextmanager

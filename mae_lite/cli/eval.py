@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional
 
-import torch
 
 from ..engine.checkpoint import load_checkpoint, network_state
-from ..engine.dist import cleanup, init_process, launched_by_torchrun, parse_devices
+from ..engine.dist import cleanup, init_from_cli
 from ..engine.evaluate import eval_loader, evaluate
 from ..engine.loop import cpu_cores
 from ..engine.perf import tune_allocator
@@ -37,13 +35,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
     recipe = build_recipe(args.exp_file, args.exp_options, args.batch_size)
     if not hasattr(recipe, "build_eval_dataset") and not hasattr(recipe, "eval_checkpoint"):
         raise UserError(f"recipe {recipe.name} has no classification eval split; use a fine-tuning recipe with -f")
-    if launched_by_torchrun():
-        kind = "cuda" if torch.cuda.is_available() and not args.devices.lower().startswith("cpu") else "cpu"
-        env = init_process(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), kind)
-    else:
-        spec = parse_devices(args.devices)
-        kind = spec.kind if spec.kind == "cpu" or torch.cuda.is_available() else "cpu"
-        env = init_process(0, 1, spec.ids[0] if kind == "cuda" else 0, kind)
+    env = init_from_cli(args.devices)
     try:
         if hasattr(recipe, "eval_checkpoint"):  # detection: COCO box/mask AP lines from the recipe's evaluate
             lines = recipe.eval_checkpoint(args.ckpt, env, args.amp)

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from ..engine.checkpoint import load_checkpoint
-from ..engine.dist import cleanup, init_process, launched_by_torchrun, parse_devices
+from ..engine.dist import cleanup, init_from_cli
 from ..engine.loop import train
 from ..engine.perf import tune_allocator
 from ..errors import NonFiniteLoss, UserError
@@ -97,13 +95,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
     start = start if start and Path(start).is_file() else "none (from scratch)"
     title = f"{base.name} on {getattr(base, 'dataset', '?')}, initial weights {start}"
 
-    if launched_by_torchrun():
-        kind = "cuda" if torch.cuda.is_available() and not args.devices.lower().startswith("cpu") else "cpu"
-        env = init_process(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), kind)
-    else:
-        spec = parse_devices(args.devices)
-        kind = spec.kind if spec.kind == "cpu" or torch.cuda.is_available() else "cpu"
-        env = init_process(0, 1, spec.ids[0] if kind == "cuda" else 0, kind)
+    env = init_from_cli(args.devices)
     table_json = folder / "sweep.json"
     settings = _settings(args)
     old: dict[tuple[float, float], dict[str, Any]] = {}

@@ -86,6 +86,17 @@ def init_process(rank: int, world_size: int, device_index: int, kind: str) -> Di
     return DistEnv(rank, world_size, device_index, device)
 
 
+def init_from_cli(devices: str) -> DistEnv:
+    """The process of a command that does not spawn (ssl_eval, ssl_sweep): a rank of torchrun's group when
+    started under torchrun, else one process on the first device of `devices` (the CPU if CUDA is absent)."""
+    if launched_by_torchrun():
+        kind = "cuda" if torch.cuda.is_available() and not devices.lower().startswith("cpu") else "cpu"
+        return init_process(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), kind)
+    spec = parse_devices(devices)
+    kind = spec.kind if spec.kind == "cpu" or torch.cuda.is_available() else "cpu"
+    return init_process(0, 1, spec.ids[0] if kind == "cuda" else 0, kind)
+
+
 def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.distributed:
         t = t.clone()

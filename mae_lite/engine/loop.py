@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..errors import NonFiniteLoss, UserError
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .dist import DistEnv, all_reduce_mean, barrier
-from .evaluate import eval_loader, evaluate
+from .evaluate import eval_loader
 from .log import LOGGER, close_logging, setup_logging
 
 CKPT_NAME = "last_epoch_ckpt.pth.tar"

@@ -6,4 +6,5 @@ from .vit import VIT_ARCHS, Attention, Block, VisionTransformer, capture_attenti
 from .vit_rpe import RPE_ARCHS, VisionTransformerRPE
 
 __all__ = ["MAE_ARCHS", "VIT_ARCHS", "Attention", "Block", "MaskedAutoencoderViT", "VisionTransformer",
-           "capture_attention", "capture_representations", "resize_pos_embed", "sincos_2d", "RPE_ARCHS", "VisionTransformerRPE"]
+           "capture_attention", "capture_representations", "resize_pos_embed", "sincos_2d", "RPE_ARCHS", "VisionTransformerRPE",
+           "MOCOV3_ARCHS", "VisionTransformerMoCo"]

@@ -10,7 +10,12 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Recipe
 from .finetune import Finetune, FinetuneMAE, FinetuneRPE
+from .detection import MaskRCNNViTDet
+from .linprobe import LinProbe
 from .mae_lite import MaeLite, MaeLiteDemo
+from .mae_lite_distill import MaeLiteDistill
+from .mocov3 import MoCoV3Recipe
+from .transfer import FinetuneTransfer
 
 
 def _discover() -> dict[str, type[Recipe]]:
@@ -65,4 +70,5 @@ def resolve_recipe(spec: str) -> type[Recipe]:
     return exp
 
 
-__all__ = ["RECIPES", "Finetune", "FinetuneMAE", "FinetuneRPE", "MaeLite", "MaeLiteDemo", "Recipe", "resolve_recipe"]
+__all__ = ["RECIPES", "Finetune", "FinetuneMAE", "FinetuneRPE", "FinetuneTransfer", "LinProbe", "MaeLite", "MaeLiteDemo",
+           "MaeLiteDistill", "MaskRCNNViTDet", "MoCoV3Recipe", "Recipe", "resolve_recipe"]

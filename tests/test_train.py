@@ -195,3 +195,45 @@ def test_gradient_clipping_is_applied(tmp_path):
     train(recipe, DistEnv())
     after = load_checkpoint(tmp_path / "clip1" / "last_epoch_ckpt.pth.tar")["model"]
     assert not all(torch.equal(init[k], after[k]) for k in init)
+
+
+class _SlowImages(torch.utils.data.Dataset):
+    """The demo photos, each image 40 ms late: a loader that cannot keep up with the model."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        import time
+
+        time.sleep(0.04)
+        return self.inner[i]
+
+
+class _SlowDemo(MaeLiteDemo):
+    def build_datasets(self):
+        ds = super().build_datasets()
+        return {"train": _SlowImages(ds["train"]), "eval": None}
+
+
+def test_a_slow_loader_is_reported_with_the_fix(tmp_path):
+    recipe = _SlowDemo(output_dir=str(tmp_path), exp_name="slow", depth=2, demo_samples=32, num_workers=0,
+                       batch_size=8, max_epoch=1, vis_images=0, print_interval=1)
+    train(recipe, DistEnv())
+    log = next((tmp_path / "slow").glob("train_log-*.txt")).read_text()
+    line = next(line for line in log.splitlines() if "waiting for data" in line)
+    share = float(line.split("spent ")[1].split("%")[0])
+    assert share > 60 and "raise num_workers" in line and "epoch 1" in line
+
+
+def test_slow_loader_notice_threshold(caplog):
+    from mae_lite.engine import loop
+
+    with caplog.at_level("INFO", logger=loop.LOGGER.name):
+        loop._warn_slow_loader({"data": 0.2, "total": 1.0}, 3, 4)  # 20 %: fine
+        assert "waiting for data" not in caplog.text
+        loop._warn_slow_loader({"data": 0.5, "total": 1.0}, 3, 4)
+    assert "epoch 3 spent 50% of its step time waiting for data (4 loader workers per process)" in caplog.text

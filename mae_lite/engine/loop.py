@@ -183,6 +183,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
             bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{recipe.max_epoch}", disable=not env.is_main,
                        dynamic_ncols=True, leave=False)
             win = {"data": 0.0, "total": 0.0, "n": 0}
+            epoch_wait = {"data": 0.0, "total": 0.0}
             t_prev = time.perf_counter()
             for it, (images, target) in enumerate(loader):
                 t_data = time.perf_counter()
@@ -215,6 +216,9 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                 win["data"] += t_data - t_prev
                 win["total"] += t_now - t_prev
                 win["n"] += 1
+                if it > 0:  # the first batch waits for the workers to start, whatever their speed
+                    epoch_wait["data"] += t_data - t_prev
+                    epoch_wait["total"] += t_now - t_prev
                 t_prev = t_now
                 steps_run += 1
                 result.last_loss = loss_avg.item()
@@ -239,6 +243,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                             tb.add_scalar(f"train/{k}", v, step)
                     win = {"data": 0.0, "total": 0.0, "n": 0}
             bar.close()
+            _warn_slow_loader(epoch_wait, epoch + 1, workers)
             result.epochs_done = epoch + 1
             last = epoch + 1 == recipe.max_epoch
             is_best = False
@@ -281,6 +286,18 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     LOGGER.info("done: %d epochs, last loss %.4f, %s, checkpoint %s", result.epochs_done, result.last_loss,
                 _fmt_time(result.seconds), result.checkpoint)
     return result
+
+
+SLOW_LOADER_SHARE = 0.3
+
+
+def _warn_slow_loader(wait: dict[str, float], epoch: int, workers: int) -> None:
+    """Say so when waiting for data took a large share of an epoch's steps: the GPUs (or cores) sat idle."""
+    share = wait["data"] / wait["total"] if wait["total"] > 0 else 0.0
+    if share > SLOW_LOADER_SHARE:
+        LOGGER.info("notice: epoch %d spent %.0f%% of its step time waiting for data (%d loader workers per process): "
+                    "raise num_workers if cores are free, keep the data on a local disk, or pre-resize the images",
+                    epoch, 100 * share, workers)
 
 
 def gather_rng_states(env: DistEnv) -> list[dict[str, Any]]:

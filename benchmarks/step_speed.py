@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import timm
 import mae_lite  # noqa: F401  (registers the models in timm)
+from mae_lite.engine.compute import flop_counter
 from mae_lite.engine.optim import param_groups
 from mae_lite.engine.perf import tune_allocator
 
@@ -88,24 +88,6 @@ def matmul_peak(device: torch.device, n: int, runs: int = 20) -> float:
     return 2 * n**3 / t / 1e9
 
 
-# CPU SDPA runs as `_scaled_dot_product_flash_attention_for_cpu`, which FlopCounterMode does not know;
-# count it like the CUDA kernels so that SDPA and explicit attention give the same FLOPs.
-def _sdpa_fwd(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(q, k, v)
-
-
-def _sdpa_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, q, k, v)
-
-
-def extra_flop_formulas() -> dict:
-    aten = torch.ops.aten
-    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        return {}
-    return {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_fwd,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_bwd}
-
-
 def build(args, device: torch.device):
     torch.manual_seed(0)
     if args.impl == "reference":  # the original's formulation, same sizes (benchmarks/reference_mae.py)
@@ -123,7 +105,7 @@ def build(args, device: torch.device):
 
 def count_flops(model, imgs, mask_ratio: float) -> tuple[int, dict[str, int]]:
     """FLOPs of forward + backward of one step (not the optimizer), total and per aten op."""
-    counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
+    counter = flop_counter()
     with counter:
         model(imgs, mask_ratio)[0].backward()
     model.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ import math
 import os
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from ..errors import NonFiniteLoss, UserError
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .compute import Compute, flop_counter
 from .dist import DistEnv, all_reduce_mean, barrier
 from .evaluate import eval_loader
 from .log import LOGGER, close_logging, setup_logging
@@ -34,6 +36,7 @@ class RunResult:
     top1: Optional[float] = None
     top5: Optional[float] = None
     metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation (recipe.evaluate)
+    compute: dict[str, Any] = field(default_factory=dict)  # FLOPs, images, device-hours (engine/compute.py)
     seconds: float = 0.0
 
 
@@ -132,6 +135,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     start_epoch, best = 0, {f"best_{primary}": 0.0, f"best_{primary}_epoch": -1}
 
     ckpt_file = out / CKPT_NAME
+    resumed_compute = None
     if resume_requested:
         src = checkpoint_path(out, resume)
         if not src.is_file():
@@ -150,6 +154,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
         start_epoch = int(ckpt["start_epoch"])
         best = {k: v for k, v in ckpt.items() if k.startswith("best_")} or best
         restore_rng_state(ckpt.get("rng"), env)
+        resumed_compute = ckpt.get("compute")
         LOGGER.info("resumed from %s at epoch %d", src, start_epoch)
     else:
         summary = recipe.load_initial_weights(model, init_ckpt)
@@ -173,6 +178,8 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     if recipe.warmup_epochs > recipe.max_epoch:
         LOGGER.info("notice: warmup_epochs (%d) > max_epoch (%d): the learning rate only ramps up in this run",
                        recipe.warmup_epochs, recipe.max_epoch)
+    compute = Compute.from_state(resumed_compute)
+    compute.device = env.device.type
     t_train = time.perf_counter()
     steps_run = 0
     try:
@@ -192,16 +199,20 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                 images, target = to_device(images, env.device), to_device(target, env.device)
                 if hasattr(method, "set_progress"):  # methods with per-step schedules of their own (MoCo momentum)
                     method.set_progress(step, total_steps)
-                with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp):
-                    loss, logs = model(images, target)
-                loss_avg = all_reduce_mean(loss.detach().float(), env)
-                if not math.isfinite(loss_avg.item()):
-                    raise NonFiniteLoss(
-                        f"loss is {loss_avg.item()} at epoch {epoch + 1}, iteration {it}: training stopped; "
-                        f"the last checkpoint ({result.checkpoint or 'none written yet'}) is intact. Lower lr, "
-                        "set clip_grad=1.0 or drop --amp, then continue with --resume")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                with ExitStack() as counting:  # the run's first step also counts its FLOPs
+                    counter = counting.enter_context(flop_counter()) if compute.flops_per_image is None else None
+                    with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp):
+                        loss, logs = model(images, target)
+                    loss_avg = all_reduce_mean(loss.detach().float(), env)
+                    if not math.isfinite(loss_avg.item()):
+                        raise NonFiniteLoss(
+                            f"loss is {loss_avg.item()} at epoch {epoch + 1}, iteration {it}: training stopped; "
+                            f"the last checkpoint ({result.checkpoint or 'none written yet'}) is intact. Lower lr, "
+                            "set clip_grad=1.0 or drop --amp, then continue with --resume")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                if counter is not None:
+                    compute.flops_per_image = counter.get_total_flops() / per_proc
                 if recipe.clip_grad is not None:
                     scaler.unscale_(optimizer)
                     if recipe.clip_mode == "value":
@@ -216,6 +227,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                 win["data"] += t_data - t_prev
                 win["total"] += t_now - t_prev
                 win["n"] += 1
+                compute.add(recipe.batch_size, t_now - t_prev, env.world_size)
                 if it > 0:  # the first batch waits for the workers to start, whatever their speed
                     epoch_wait["data"] += t_data - t_prev
                     epoch_wait["total"] += t_now - t_prev
@@ -239,6 +251,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                         tb.add_scalar("train/lr", lr, step)
                         tb.add_scalar("train/img_per_s", imgs, step)
                         tb.add_scalar("train/data_wait_share", share, step)
+                        tb.add_scalar("compute/pflop", compute.total_flops / 1e15, step)
                         for k, v in extras.items():
                             tb.add_scalar(f"train/{k}", v, step)
                     win = {"data": 0.0, "total": 0.0, "n": 0}
@@ -267,7 +280,8 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
             if env.is_main and save:
                 state = {"rng": rng, "start_epoch": epoch + 1, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), **best,
-                         "arch": recipe.arch_record(), "recipe": recipe.name, "config": recipe.to_dict()}
+                         "arch": recipe.arch_record(), "recipe": recipe.name, "config": recipe.to_dict(),
+                         "compute": compute.state_dict()}
                 save_checkpoint(state, ckpt_file)
                 result.checkpoint = str(ckpt_file)
                 LOGGER.info("epoch %d: checkpoint %s", epoch + 1, ckpt_file)
@@ -283,6 +297,8 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
         if tb:
             tb.close()
     result.seconds = time.time() - t_start
+    result.compute = compute.state_dict()
+    LOGGER.info("compute: %s", compute.summary())
     LOGGER.info("done: %d epochs, last loss %.4f, %s, checkpoint %s", result.epochs_done, result.last_loss,
                 _fmt_time(result.seconds), result.checkpoint)
     return result

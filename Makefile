@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up (once) and pre-train MAE-Tiny on the embedded photos, on the CPU, in minutes
 #   make test   set up (once) and run the test suite
+#   make smoke  set up (once) and run every workflow step (pre-train ... export) on the photos in about a minute
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision as this kind of machine provides them; override for your own CUDA build, e.g.
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.mae-lite-installed
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup demo smoke test bench clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +21,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/ssl_train -b 128 -d cpu -e 30 -f mae_lite_demo --exp-options exp_name=demo/mae_tiny
+
+smoke: setup
+	$(VENV)/bin/ssl_smoke --out outputs/smoke
 
 test: setup
 	$(PY) -m pytest -q

@@ -14,7 +14,7 @@ import mae_lite.models  # noqa: F401  (registers the architectures)
 from mae_lite.analysis.attention import attention_stats, entropy_and_distance, grid_distances, uniform_reference
 from mae_lite.analysis.cka import MinibatchCKA, cka, gram, layer_cka, unbiased_hsic
 from mae_lite.analysis.features import catch_layers, pooled_features
-from mae_lite.analysis.knn import knn_accuracy, knn_predict
+from mae_lite.analysis.knn import knn_accuracy, knn_predict, layer_knn_eval
 from mae_lite.analysis.reconstruct import grid_columns, reconstruct, save_reconstruction_grid
 from mae_lite.cli.knn import main as ssl_knn
 from mae_lite.cli.vis_attn import main as ssl_vis_attn
@@ -296,3 +296,41 @@ def test_analysis_refuses_a_different_encoder(tmp_path, mae_ckpt, capsys):
                          "--exp-options", *[o if o != "depth=2" else "depth=3" for o in OPTS]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "depth 2 vs 3" in err
+
+
+def _two_class_batches(seed: int, n: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Images that are +1 or -1 everywhere (plus noise): separable from the embeddings on."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = (labels * 2 - 1).float()[:, None, None, None] + 0.1 * torch.randn(n, 3, 16, 16, generator=g)
+    return [(images[:8], labels[:8]), (images[8:], labels[8:])]
+
+
+def test_layer_knn_finds_the_layer_where_information_is_destroyed():
+    from mae_lite.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=12, global_pool=False)
+    with torch.no_grad():
+        for blk in vit.blocks:  # every block the identity ...
+            for lin in (blk.attn.proj, blk.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        # ... except block 1, which adds a vector so large that fp32 loses the tokens: x + c == c
+        vit.blocks[1].mlp.fc2.bias.copy_(1e9 * torch.sign(torch.randn(24)))
+    per_layer = layer_knn_eval(vit, _two_class_batches(1), _two_class_batches(2), k=3)
+    top1 = [r["top1"] for r in per_layer]
+    assert len(top1) == 4  # embeddings (block 0's norm1), blocks 1 and 2's norm1, final norm
+    assert top1[0] == 100.0 and top1[1] == 100.0  # before block 1 adds its constant
+    assert top1[2] == 50.0 and top1[3] == 50.0  # identical features for every image: one class always wins
+
+
+def test_ssl_knn_layers_writes_the_curve(tmp_path, capsys):
+    assert ssl_knn(["-f", "finetuning", "--device", "cpu", "-b", "16", "-n", "32", "--out", str(tmp_path), "--layers",
+                    "--exp-options", "dataset=demo", "img_size=32", "patch_size=4", "depth=2", "num_classes=13",
+                    "demo_samples=32", "num_workers=0"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("kNN top-1 per layer"))
+    assert len(line.split("embeddings): ")[1].split()) == 3  # depth 2: embeddings, block 1 input, final norm
+    data = json.loads((tmp_path / "knn_layers_mae.json").read_text())
+    assert len(data["layers"]) == 3 and (tmp_path / "knn_layers_mae.png").read_bytes()[:4] == b"\x89PNG"

@@ -12,25 +12,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import eval_mode, pooled_features
+from .features import catch_layers, eval_mode, pooled_features, run_encoder
 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
                      max_images: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D] float32 on the CPU, labels [N]) of a labelled loader, at most `max_images`."""
-    feats, labels, seen = [], [], 0
-    for images, target in loader:
-        if max_images is not None:
-            images, target = images[: max_images - seen], target[: max_images - seen]
-        if len(images) == 0:
-            break
+    feats, labels = [], []
+    for images, target in _labelled(loader, max_images):
         with eval_mode(model):
             feats.append(pooled_features(model, images.to(device)).float().cpu())
         labels.append(torch.as_tensor(target).cpu())
-        seen += len(images)
-        if max_images is not None and seen >= max_images:
-            break
     if not feats:
         raise ValueError("extract_features: the loader gave no images")
     return torch.cat(feats), torch.cat(labels).long()
@@ -73,3 +66,46 @@ def knn_eval(model: nn.Module, train_loader: Iterable, eval_loader: Iterable, de
     result = knn_accuracy(train_feats, train_labels, eval_feats, eval_labels, k, temperature)
     return {**result, "train_images": len(train_feats), "eval_images": len(eval_feats), "k": min(k, len(train_feats)),
             "temperature": temperature}
+
+
+@torch.no_grad()
+def extract_layer_features(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+                           max_images: Optional[int] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per layer, the mean over patch tokens of the depth + 1 representations that CKA compares (block i's
+    `norm1` output, then the final norm), [N, D] each, with the labels [N]."""
+    feats: list[list[torch.Tensor]] = []
+    labels = []
+    for images, target in _labelled(loader, max_images):
+        with eval_mode(model), catch_layers(model) as caught:
+            run_encoder(model, images.to(device))
+        if not feats:
+            feats = [[] for _ in caught]
+        for i in sorted(caught):
+            feats[i].append(caught[i].mean(dim=1).float().cpu())
+        labels.append(torch.as_tensor(target).cpu())
+    if not labels:
+        raise ValueError("extract_layer_features: the loader gave no images")
+    return [torch.cat(f) for f in feats], torch.cat(labels).long()
+
+
+def _labelled(loader: Iterable, max_images: Optional[int]):
+    """(images, labels) batches, cut off at `max_images` images."""
+    seen = 0
+    for images, target in loader:
+        if max_images is not None:
+            images, target = images[: max_images - seen], target[: max_images - seen]
+        if len(images) == 0:
+            return
+        seen += len(images)
+        yield images, target
+        if max_images is not None and seen >= max_images:
+            return
+
+
+def layer_knn_eval(model: nn.Module, train_loader: Iterable, eval_loader: Iterable, device: torch.device | str = "cpu",
+                   k: int = 20, temperature: float = 0.07, max_images: Optional[int] = None) -> list[dict[str, float]]:
+    """kNN top-1/top-5 of every layer's mean-pooled representation (layer 0: the embeddings, layer depth: the
+    final norm): where in the network the classes become separable."""
+    train_feats, train_labels = extract_layer_features(model, train_loader, device, max_images)
+    eval_feats, eval_labels = extract_layer_features(model, eval_loader, device, max_images)
+    return [knn_accuracy(tf, train_labels, ef, eval_labels, k, temperature) for tf, ef in zip(train_feats, eval_feats)]

@@ -75,3 +75,18 @@ def cka_heatmap(matrix: np.ndarray, name1: str, name2: str, path: str | Path, dp
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return _save(fig, path, dpi)
+
+
+def line_per_layer(values, ylabel: str, path: str | Path, title: str = "", dpi: int = 150) -> Path:
+    """One value per layer (0 = the embeddings), as a line with markers."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(range(len(values)), values, marker="o", color=COLOUR)
+    ax.set_xticks(range(len(values)))
+    ax.set_xlabel("Layer (0: embeddings)")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path, dpi)

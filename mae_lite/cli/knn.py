@@ -6,8 +6,8 @@ import json
 import sys
 from typing import Optional
 
-from ..analysis.knn import knn_eval
-from ..analysis.plots import safe_name
+from ..analysis.knn import knn_eval, layer_knn_eval
+from ..analysis.plots import line_per_layer, safe_name
 from ..errors import UserError
 from .analysis_common import add_model_args, add_run_args, check_run_args, image_dataset, load_model, loader, out_dir, \
     recipe_from
@@ -24,6 +24,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", dest="k", type=int, default=20, help="neighbours (default 20)")
     p.add_argument("-t", "--temperature", type=float, default=0.07, help="vote temperature (default 0.07)")
     p.add_argument("--save_name", "--save-name", dest="save_name", default="mae", help="name in the file name")
+    p.add_argument("--layers", action="store_true",
+                   help="also kNN on every layer's mean-pooled representation (layer 0: embeddings ... depth: final "
+                        "norm): where the classes become separable; writes knn_layers_<name>.json and .png")
     return p
 
 
@@ -46,6 +49,15 @@ def _main(argv: Optional[list[str]] = None) -> int:
     print(f"kNN top-5: {result['top5']:.3f} (k {result['k']}, T {args.temperature}, {result['train_images']} train / "
           f"{result['eval_images']} eval images)")
     print(f"wrote {path}")
+    if args.layers:
+        per_layer = layer_knn_eval(model, train, evals, device, args.k, args.temperature, args.num)
+        top1 = [r["top1"] for r in per_layer]
+        print("kNN top-1 per layer (0: embeddings): " + " ".join(f"{v:.1f}" for v in top1))
+        layers_json = out / f"knn_layers_{safe_name(args.save_name)}.json"
+        layers_json.write_text(json.dumps({"layers": per_layer, "ckpt": args.ckpt, "recipe": recipe.name}, indent=1) + "\n")
+        png = line_per_layer(top1, "kNN top-1 (%)", out / f"knn_layers_{safe_name(args.save_name)}.png", args.save_name)
+        print(f"wrote {layers_json}")
+        print(f"wrote {png}")
     return 0
 
 

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the last checkpoint on disk is left intact."""
+
+
+class Stopped(UserError):
+    """Training was asked to stop (SIGTERM, SIGUSR1, Ctrl-C) and saved a checkpoint that --resume continues."""

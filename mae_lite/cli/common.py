@@ -19,12 +19,19 @@ def build_recipe(spec: str, options: Optional[list[str]], batch_size: Optional[i
     return recipe
 
 
+STOPPED = 3  # exit status of a run stopped by a signal after saving its checkpoint
+
+
 def run_cli(prog: str, fn: Callable[[], int]) -> int:
-    """Run `fn`; a UserError becomes `prog: error: message` on one line and exit status 2 (1 for a diverged run)."""
-    from ..errors import NonFiniteLoss
+    """Run `fn`; a UserError becomes `prog: error: message` on one line and exit status 2 (1 for a diverged run,
+    3 for a run stopped by a signal with its checkpoint saved)."""
+    from ..errors import NonFiniteLoss, Stopped
 
     try:
         return fn()
+    except Stopped as e:  # asked to stop (SIGTERM, ...): a checkpoint was saved
+        print(f"{prog}: {e}", file=sys.stderr)
+        return STOPPED
     except NonFiniteLoss as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

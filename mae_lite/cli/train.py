@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -11,8 +12,8 @@ import torch
 from ..engine.dist import DeviceSpec, cleanup, free_port, init_process, launched_by_torchrun, parse_devices
 from ..engine.loop import train
 from ..engine.perf import tune_allocator
-from ..errors import UserError
-from .common import build_recipe, run_cli
+from ..errors import Stopped, UserError
+from .common import STOPPED, build_recipe, run_cli
 
 PROG = "ssl_train"
 
@@ -48,10 +49,11 @@ def _worker(index: int, args: argparse.Namespace, spec: DeviceSpec) -> None:
               init_ckpt=args.ckpt, amp=args.amp)
     except UserError as e:
         if env.world_size > 1:  # every rank hits the same input error: rank 0 speaks, the others just stop
+            stopped = isinstance(e, Stopped)
             if rank == 0:
-                print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+                print(f"{PROG}: {'' if stopped else 'error: '}{e}", file=sys.stderr, flush=True)
             cleanup()
-            os._exit(1)
+            os._exit(STOPPED if stopped else 1)
         raise
     finally:
         cleanup()
@@ -78,12 +80,32 @@ def _main(argv: Optional[list[str]] = None) -> int:
         return 0
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
+    context = torch.multiprocessing.start_processes(_worker, args=(args, spec), nprocs=spec.nprocs, join=False,
+                                                     start_method="spawn")
+    forward = {sig: signal.signal(sig, lambda signum, frame: _forward(signum, context)) for sig in FORWARDED}
     try:
-        torch.multiprocessing.spawn(_worker, args=(args, spec), nprocs=spec.nprocs, join=True)
+        while not context.join():
+            pass
     except torch.multiprocessing.ProcessExitedException as e:
+        if e.exit_code == STOPPED:  # stopped by a signal, checkpoint saved: rank 0 has said so
+            return STOPPED
         print(f"{PROG}: error: a training process exited with status {e.exit_code} (its message is above)", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
     return 0
+
+
+# Schedulers signal the launcher before preempting a job: pass it on to the training processes, which save a
+# checkpoint after their current step and stop. (Ctrl-C reaches every process of the terminal by itself.)
+FORWARDED = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
+def _forward(signum: int, context) -> None:
+    for proc in context.processes:
+        if proc.is_alive():
+            os.kill(proc.pid, signum)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

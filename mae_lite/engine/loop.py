@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..errors import NonFiniteLoss, UserError
+from ..errors import NonFiniteLoss, Stopped, UserError
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .compute import Compute, flop_counter
 from .dist import DistEnv, all_reduce_mean, barrier
@@ -135,7 +137,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     start_epoch, best = 0, {f"best_{primary}": 0.0, f"best_{primary}_epoch": -1}
 
     ckpt_file = out / CKPT_NAME
-    resumed_compute = None
+    resumed_compute, skip, mid_epoch_rng = None, 0, (None, None)
     if resume_requested:
         src = checkpoint_path(out, resume)
         if not src.is_file():
@@ -153,9 +155,18 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["start_epoch"])
         best = {k: v for k, v in ckpt.items() if k.startswith("best_")} or best
-        restore_rng_state(ckpt.get("rng"), env)
         resumed_compute = ckpt.get("compute")
-        LOGGER.info("resumed from %s at epoch %d", src, start_epoch)
+        skip = int(ckpt.get("iteration", 0))
+        if skip:  # a mid-epoch checkpoint: replay the epoch's data order, then continue from the saved state
+            if ckpt.get("iters_per_epoch") != iters:
+                raise UserError(f"--resume: {src} was saved in the middle of an epoch of {ckpt.get('iters_per_epoch')} "
+                                f"iterations, but this run has {iters} per epoch; resume with the same -b, data and "
+                                "processes")
+            mid_epoch_rng = (ckpt.get("epoch_rng"), ckpt.get("rng"))
+        else:
+            restore_rng_state(ckpt.get("rng"), env)
+        LOGGER.info("resumed from %s at epoch %d%s", src, start_epoch,
+                    f", iteration {skip} of epoch {start_epoch + 1}" if skip else "")
     else:
         summary = recipe.load_initial_weights(model, init_ckpt)
         if summary:
@@ -180,6 +191,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                        recipe.warmup_epochs, recipe.max_epoch)
     compute = Compute.from_state(resumed_compute)
     compute.device = env.device.type
+    stopper = StopSignals(recipe.ckpt_interval_minutes)
     t_train = time.perf_counter()
     steps_run = 0
     try:
@@ -191,8 +203,18 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                        dynamic_ncols=True, leave=False)
             win = {"data": 0.0, "total": 0.0, "n": 0}
             epoch_wait = {"data": 0.0, "total": 0.0}
+            if skip:
+                restore_rng_state(mid_epoch_rng[0], env)  # the state this epoch's data order was drawn from
+                LOGGER.info("replaying the data order of epoch %d: skipping its first %d batches", epoch + 1, skip)
+                bar.update(skip)
+            epoch_rng = local_rng_state(env)
             t_prev = time.perf_counter()
             for it, (images, target) in enumerate(loader):
+                if it < skip:  # trained on before the checkpoint: loaded, so that every random stream advances
+                    if it == skip - 1:  # as it did, but not used; then the saved state takes over
+                        restore_rng_state(mid_epoch_rng[1], env)
+                        skip, t_prev = 0, time.perf_counter()
+                    continue
                 t_data = time.perf_counter()
                 step = epoch * iters + it
                 schedule.step(step)
@@ -203,7 +225,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                     counter = counting.enter_context(flop_counter()) if compute.flops_per_image is None else None
                     with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp):
                         loss, logs = model(images, target)
-                    loss_avg = all_reduce_mean(loss.detach().float(), env)
+                    loss_avg, stop_now, save_now = _sync_step(loss, stopper, env)
                     if not math.isfinite(loss_avg.item()):
                         raise NonFiniteLoss(
                             f"loss is {loss_avg.item()} at epoch {epoch + 1}, iteration {it}: training stopped; "
@@ -255,6 +277,17 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                         for k, v in extras.items():
                             tb.add_scalar(f"train/{k}", v, step)
                     win = {"data": 0.0, "total": 0.0, "n": 0}
+                if (stop_now or save_now) and it + 1 < iters:  # mid-epoch; at the epoch's end the normal save runs
+                    state = _state(env, epoch, it + 1, iters, epoch_rng, method, optimizer, schedule, scaler, best,
+                                   recipe, compute)
+                    if env.is_main:
+                        save_checkpoint(state, ckpt_file)
+                        result.checkpoint = str(ckpt_file)
+                        LOGGER.info("epoch %d, iteration %d: checkpoint %s", epoch + 1, it + 1, ckpt_file)
+                    stopper.saved()
+                    barrier(env)
+                    if stop_now:
+                        raise Stopped(stopper.message(epoch + 1, it + 1, ckpt_file))
             bar.close()
             _warn_slow_loader(epoch_wait, epoch + 1, workers)
             result.epochs_done = epoch + 1
@@ -274,14 +307,13 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                 if tb:
                     for k, v in metrics.items():
                         tb.add_scalar(f"Val/{_title(k)}", v, (epoch + 1) * iters)
-            save = is_best or (epoch + 1) % recipe.dump_interval == 0 or last
+            stop_here = stop_now and not last  # a signal during the epoch's last iteration
+            save = is_best or (epoch + 1) % recipe.dump_interval == 0 or last or stop_here or save_now
             if save:
-                rng = gather_rng_states(env)  # collective: every rank takes part
+                state = _state(env, epoch + 1, 0, iters, None, method, optimizer, schedule, scaler, best, recipe,
+                               compute)  # collective: every rank takes part
+                stopper.saved()
             if env.is_main and save:
-                state = {"rng": rng, "start_epoch": epoch + 1, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), **best,
-                         "arch": recipe.arch_record(), "recipe": recipe.name, "config": recipe.to_dict(),
-                         "compute": compute.state_dict()}
                 save_checkpoint(state, ckpt_file)
                 result.checkpoint = str(ckpt_file)
                 LOGGER.info("epoch %d: checkpoint %s", epoch + 1, ckpt_file)
@@ -293,7 +325,10 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                     result.visuals.append(str(png))
                     LOGGER.info("epoch %d: reconstructions %s", epoch + 1, png)
             barrier(env)
+            if stop_here:
+                raise Stopped(stopper.message(epoch + 1, 0, ckpt_file))
     finally:
+        stopper.close()
         if tb:
             tb.close()
     result.seconds = time.time() - t_start
@@ -316,11 +351,81 @@ def _warn_slow_loader(wait: dict[str, float], epoch: int, workers: int) -> None:
                     epoch, 100 * share, workers)
 
 
-def gather_rng_states(env: DistEnv) -> list[dict[str, Any]]:
-    """Every rank's random state (torch, CUDA, Python), so a resumed run continues the same random streams."""
+class StopSignals:
+    """SIGTERM / SIGUSR1 (what schedulers send before preempting a job) and SIGINT ask the run to stop after
+    the current step with a checkpoint; `interval_minutes` asks for a checkpoint that often, mid-epoch too.
+    Handlers are installed only in the main thread and put back on `close()`."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
+
+    def __init__(self, interval_minutes: Optional[float] = None):
+        self.received: Optional[int] = None
+        self.interval = None if interval_minutes is None else 60.0 * interval_minutes
+        self.last_save = time.monotonic()
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == getattr(signal, "SIGINT", None):
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.received = signum
+
+    @property
+    def save_due(self) -> bool:
+        return self.interval is not None and time.monotonic() - self.last_save >= self.interval
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def message(self, epoch: int, iteration: int, ckpt) -> str:
+        name = signal.Signals(self.received).name if self.received is not None else "a signal to another process"
+        where = f"epoch {epoch}, iteration {iteration}" if iteration else f"the end of epoch {epoch}"
+        return f"stopped by {name} at {where}; checkpoint {ckpt} saved; continue with --resume"
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def _sync_step(loss: torch.Tensor, stopper: StopSignals, env: DistEnv) -> tuple[torch.Tensor, bool, bool]:
+    """The mean loss over processes, and whether any process was asked to stop / has a checkpoint due: one
+    all-reduce, so every rank takes the same decision at the same step."""
+    local = [float(stopper.received is not None), float(stopper.save_due)]
+    vec = torch.cat([loss.detach().float().reshape(1), torch.tensor(local, device=loss.device)])
+    if env.distributed:
+        torch.distributed.all_reduce(vec)
+        vec[0] /= env.world_size
+    return vec[0], bool(vec[1] > 0), bool(vec[2] > 0)
+
+
+def _state(env: DistEnv, start_epoch: int, iteration: int, iters: int, epoch_rng, method, optimizer, schedule, scaler,
+           best: dict, recipe, compute: Compute) -> dict[str, Any]:
+    """The checkpoint (the original's keys plus ours). `iteration` > 0 marks a mid-epoch checkpoint: that many
+    iterations of epoch `start_epoch` are done, and `epoch_rng` holds the random state its data order came from.
+    Collective (random states of every rank): every rank calls it."""
+    state = {"rng": gather_rng_states(env), "start_epoch": start_epoch, "iteration": iteration,
+             "iters_per_epoch": iters, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), **best, "arch": recipe.arch_record(),
+             "recipe": recipe.name, "config": recipe.to_dict(), "compute": compute.state_dict()}
+    if iteration:
+        state["epoch_rng"] = gather_rng_states(env, epoch_rng)
+    return state
+
+
+def local_rng_state(env: DistEnv) -> dict[str, Any]:
     own = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if env.device.type == "cuda":
         own["cuda"] = torch.cuda.get_rng_state(env.device)
+    return own
+
+
+def gather_rng_states(env: DistEnv, own: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """Every rank's random state (torch, CUDA, Python; this moment's unless `own` is given), so a resumed run
+    continues the same random streams."""
+    own = own if own is not None else local_rng_state(env)
     if not env.distributed:
         return [own]
     states: list[Any] = [None] * env.world_size

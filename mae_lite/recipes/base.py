@@ -60,6 +60,9 @@ class Recipe:
     min_lr: float = 0.0
     clip_grad: Optional[float] = None
     clip_mode: str = "norm"
+    # checkpoints: every dump_interval epochs and at the end; also every N minutes mid-epoch (None: off).
+    # SIGTERM/SIGUSR1/Ctrl-C always stop after the current step with a checkpoint that --resume continues.
+    ckpt_interval_minutes: Optional[float] = None
     # initial weights (ssl_train --ckpt)
     weights_prefix: str = "model"
 
@@ -108,6 +111,8 @@ class Recipe:
         for key in ["train_limit", "eval_limit"]:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"option '{key}' must be >= 1 (or None for all), got {getattr(self, key)}")
+        if self.ckpt_interval_minutes is not None and self.ckpt_interval_minutes <= 0:
+            raise UserError(f"option 'ckpt_interval_minutes' must be > 0 (or None for off), got {self.ckpt_interval_minutes}")
         for key in ["num_workers", "warmup_epochs", "weight_decay", "warmup_lr", "min_lr", "lr", "clip_grad"]:
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise UserError(f"option '{key}' must be >= 0, got {getattr(self, key)}")

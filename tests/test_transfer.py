@@ -445,3 +445,34 @@ def test_sweep_records_a_diverged_point_and_goes_on(tmp_path):
     table = json.loads((tmp_path / "scratch/d/big_sweep/sweep.json").read_text())
     assert [(r["lr"], r["status"]) for r in table["runs"]] == [(1e30, "diverged")] and "loss is" in table["runs"][0]["message"]
     assert "| 1e+30 | diverged |" in (tmp_path / "scratch/d/big_sweep/sweep.md").read_text()
+
+
+def test_sweep_stopped_by_a_signal_records_the_point_and_resumes_it(tmp_path, monkeypatch, capsys):
+    from mae_lite.cli.sweep import main as ssl_sweep
+    from mae_lite.engine import loop
+
+    write_cifar10(tmp_path / "data")
+    argv = ["-d", "cpu", "-b", "4", "-e", "1", "--lr", "0.01", "0.1", "--layer-decay", "0.75", "--exp-options",
+            "pretrain_exp_name=scratch/p", "dataset=CIFAR10", f"data_root={tmp_path / 'data'}", f"output_dir={tmp_path}",
+            "warmup_epochs=0", *TINY]
+    real, calls = loop._sync_step, []
+
+    def signal_at_second_step(loss, stopper, env):  # as if SIGTERM had arrived during step 2 of the first point
+        calls.append(1)
+        avg, stop, save = real(loss, stopper, env)
+        return avg, stop or len(calls) == 2, save
+
+    monkeypatch.setattr(loop, "_sync_step", signal_at_second_step)
+    assert ssl_sweep(argv) == 3
+    assert "run the same ssl_sweep command again" in capsys.readouterr().err
+    folder = tmp_path / "scratch/p/ft_cifar10_sweep"
+    runs = json.loads((folder / "sweep.json").read_text())["runs"]
+    assert [(r["lr"], r["status"]) for r in runs] == [(0.01, "stopped")]
+    ckpt = load_checkpoint(folder / "lr0.01_ld0.75_eval" / "last_epoch_ckpt.pth.tar")
+    assert (ckpt["start_epoch"], ckpt["iteration"]) == (0, 2)
+    monkeypatch.setattr(loop, "_sync_step", real)
+    assert ssl_sweep(argv) == 0
+    runs = json.loads((folder / "sweep.json").read_text())["runs"]
+    assert [(r["lr"], r["status"]) for r in runs] == [(0.01, "done"), (0.1, "done")]
+    log = "".join(p.read_text() for p in (folder / "lr0.01_ld0.75_eval").glob("train_log-*.txt"))
+    assert "iteration 2 of epoch 1" in log  # the interrupted point continued from its checkpoint

@@ -19,7 +19,7 @@ from ..engine.checkpoint import load_checkpoint
 from ..engine.dist import cleanup, init_from_cli
 from ..engine.loop import train
 from ..engine.perf import tune_allocator
-from ..errors import NonFiniteLoss, UserError
+from ..errors import NonFiniteLoss, Stopped, UserError
 from .common import build_recipe, run_cli
 
 PROG = "ssl_sweep"
@@ -99,13 +99,15 @@ def _main(argv: Optional[list[str]] = None) -> int:
     table_json = folder / "sweep.json"
     settings = _settings(args)
     old: dict[tuple[float, float], dict[str, Any]] = {}
+    stopped: set[tuple[float, float]] = set()  # points a signal interrupted: they resume from their checkpoint
     if table_json.is_file() and not args.force:
         try:
             saved = json.loads(table_json.read_text())
             if saved.get("settings") == settings:
                 old = {(r["lr"], r["layer_decay"]): r for r in saved.get("runs", []) if r.get("status") == "done"}
+                stopped = {(r["lr"], r["layer_decay"]) for r in saved.get("runs", []) if r.get("status") == "stopped"}
         except (ValueError, KeyError, TypeError):
-            old = {}
+            old, stopped = {}, set()
     runs: list[dict[str, Any]] = []
     try:
         for i, (lr, decay) in enumerate(grid):
@@ -118,12 +120,16 @@ def _main(argv: Optional[list[str]] = None) -> int:
                 if env.is_main:
                     print(f"{PROG}: [{i + 1}/{len(grid)}] lr {lr:g}, layer_decay {decay:g} -> {recipe.output_path}",
                           flush=True)
-                runs.append(_run(recipe, env, args, lr, decay, metric))
+                runs.append(_run(recipe, env, args, lr, decay, metric, resume=(lr, decay) in stopped))
             if env.is_main:
                 folder.mkdir(parents=True, exist_ok=True)
                 table_json.write_text(json.dumps({"title": title, "metric": metric, "settings": settings,
                                                   "runs": runs}, indent=1))
                 (folder / "sweep.md").write_text(markdown(title, runs, args.lrs, args.decays, metric))
+            if runs[-1]["status"] == "stopped":
+                raise Stopped(f"stopped by a signal at lr {lr:g}, layer_decay {decay:g} ({runs[-1]['message']}); "
+                              f"finished points are in {table_json}: run the same ssl_sweep command again to continue "
+                              "(this point resumes from its checkpoint)")
     finally:
         cleanup()
     if env.is_main:
@@ -132,12 +138,15 @@ def _main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def _run(recipe, env, args: argparse.Namespace, lr: float, decay: float, metric: str) -> dict[str, Any]:
+def _run(recipe, env, args: argparse.Namespace, lr: float, decay: float, metric: str,
+         resume: bool = False) -> dict[str, Any]:
     row: dict[str, Any] = {"lr": lr, "layer_decay": decay, "folder": str(recipe.output_path)}
     try:
-        result = train(recipe, env, init_ckpt=args.ckpt, amp=args.amp)
+        result = train(recipe, env, init_ckpt=args.ckpt, amp=args.amp, resume_requested=resume)
     except NonFiniteLoss as e:
         return {**row, "status": "diverged", "message": str(e)}
+    except Stopped as e:  # SIGTERM / Ctrl-C: the point's checkpoint is saved; the sweep stops after recording it
+        return {**row, "status": "stopped", "message": str(e).split(";")[0]}
     ckpt = load_checkpoint(result.checkpoint)
     return {**row, "status": "done", f"final_{metric}": result.metrics.get(metric),
             f"best_{metric}": ckpt.get(f"best_{metric}"), "best_epoch": ckpt.get(f"best_{metric}_epoch"),

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from mae_lite.methods import MAEDistill
 from mae_lite.models.mae import MaskedAutoencoderViT
 from mae_lite.recipes import FinetuneMAE, resolve_recipe
 from mae_lite.recipes.mae_lite_distill import MaeLiteDistill
+from _proc import run_process
 
 # student: 16 px images, 4 px patches (16 patches, 4 visible), width 24, 6 heads; teacher: width 32, 4 heads
 STUDENT = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=6, decoder_embed_dim=16, decoder_depth=1,
@@ -302,14 +301,8 @@ def test_two_process_gloo_run(tmp_path):
                                                        "exp_name=ddp", "distill_hidden_idx=(1,)"]
     cmd = [sys.executable, "-m", "mae_lite.cli.train", "-d", "cpu:2", "-f", "mae_lite_distill", "-b", "8", "-e", "1",
            "--exp-options", *opts]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
+    proc = run_process(cmd)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err[-3000:]
     ckpt = load_checkpoint(tmp_path / "ddp" / "last_epoch_ckpt.pth.tar")
     assert len(ckpt["rng"]) == 2 and "hidden_adapter.adapter1.weight" in ckpt["model"]

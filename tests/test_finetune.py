@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from timm.data import Mixup
 from timm.data.auto_augment import RandAugment
@@ -146,7 +145,7 @@ def test_finetune_loads_pretraining_run_automatically(tmp_path):
     assert _finetune(tmp_path) == 0
     out = tmp_path / "pre" / "ft_eval"
     log = next(out.glob("train_log-*.txt")).read_text()
-    assert "initial weights from" in log and "left at init 4 (fc_norm.weight, fc_norm.bias, head.weight, head.bias)" in log
+    assert f"initial weights from {src}" in log and "left at init 4 (fc_norm.weight, fc_norm.bias, head.weight, head.bias)" in log
     assert "Top1:" in log
     ft = load_checkpoint(out / "last_epoch_ckpt.pth.tar")
     assert (out / "last_epoch_best_ckpt.pth.tar").is_file() and ft["best_top1_epoch"] == 1

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from mae_lite.models.mocov3 import VisionTransformerMoCo, mocov3_sincos_2d
 from mae_lite.models.pos_embed import sincos_2d
 from mae_lite.recipes import Finetune, resolve_recipe
 from mae_lite.recipes.mocov3 import MoCoV3Recipe
+from _proc import run_process
 
 TINY = ["dataset=demo", "img_size=32", "patch_size=8", "depth=2", "moco_dim=16", "moco_mlp_dim=32",
         "demo_samples=16", "num_workers=0", "print_interval=1"]
@@ -277,14 +276,8 @@ def test_one_process_run(moco_run):
 def test_two_process_gloo_run(tmp_path):
     cmd = [sys.executable, "-m", "mae_lite.cli.train", "-d", "cpu:2", "-f", "mocov3", "-b", "8", "-e", "1",
            "--exp-options", f"output_dir={tmp_path}", "exp_name=ddp", *TINY]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc = run_process(cmd)
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "ddp" / "last_epoch_ckpt.pth.tar")
     assert {k.split(".")[0] for k in ckpt["model"]} == {"base_encoder", "momentum_encoder", "predictor"}

@@ -17,6 +17,7 @@ from mae_lite.engine.dist import DistEnv
 from mae_lite.engine.loop import train
 from mae_lite.errors import Stopped
 from mae_lite.recipes import MaeLiteDemo
+from _proc import cli_env
 
 TINY = dict(depth=2, demo_samples=64, batch_size=8, max_epoch=2, vis_images=0, print_interval=1, dump_interval=1)
 
@@ -97,7 +98,7 @@ def test_two_processes_stop_on_a_signal_to_the_launcher_and_resume(tmp_path):
     args = [sys.executable, "-m", "mae_lite.cli.train", "-d", "cpu:2", "-f", "mae_lite_demo", "-b", "8", "-e", "3",
             "--exp-options", f"output_dir={tmp_path}", "exp_name=ddp", "depth=2", "demo_samples=512", "num_workers=0",
             "print_interval=1", "vis_images=0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = cli_env()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:

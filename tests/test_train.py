@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from mae_lite.engine.dist import DistEnv
 from mae_lite.engine.loop import train
 from mae_lite.errors import NonFiniteLoss
 from mae_lite.recipes import MaeLiteDemo
+from _proc import run_process
 
 TINY = ["depth=2", "demo_samples=64", "num_workers=0", "print_interval=1", "vis_images=2"]
 TINY_WORKERS = [o if o != "num_workers=0" else "num_workers=2" for o in TINY]
@@ -144,11 +143,6 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert ckpt["start_epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def _cli_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return env
-
-
 @pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
 def test_two_process_gloo_ddp(tmp_path, launcher):
     args = ["-d", "cpu:2" if launcher == "spawn" else "cpu", "-f", "mae_lite_demo", "-b", "16", "-e", "2",
@@ -158,13 +152,8 @@ def test_two_process_gloo_ddp(tmp_path, launcher):
     else:
         torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
         cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "mae_lite.cli.train", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(),
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:  # hung: take the whole process group (torchrun's workers too) down
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc = run_process(cmd)
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "ddp" / "last_epoch_ckpt.pth.tar")
     assert ckpt["start_epoch"] == 2 and len(ckpt["rng"]) == 2

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,7 +20,7 @@ from torch.utils.data import DataLoader
 import mae_lite
 from mae_lite.data import build_dataset, pretrain_transform
 from mae_lite.recipes.base import IMAGENET_MEAN, IMAGENET_STD
-from step_speed import available_cores, cpu_model
+from step_speed import available_cores, cpu_model, write_result
 
 
 def measure(dataset, workers: int, batch: int, batches: int) -> float:
@@ -65,10 +63,7 @@ def main() -> None:
     result = {"dataset": args.dataset, "img_size": args.img_size, "batch": args.batch, "rows": rows,
               "cores": available_cores(), "cpu_model": cpu_model(), "torch": torch.__version__,
               "mae_lite": mae_lite.__version__, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"  wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

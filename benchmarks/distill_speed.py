@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
-from pathlib import Path
 
 import timm
 import torch
@@ -22,7 +20,7 @@ import mae_lite
 from mae_lite.engine.optim import param_groups
 from mae_lite.engine.perf import tune_allocator
 from mae_lite.methods import MAE, MAEDistill
-from step_speed import available_cores, cpu_model, cpu_snapshot, other_cores_busy, timed
+from step_speed import available_cores, cpu_model, cpu_snapshot, other_cores_busy, timed, write_result
 
 
 def build(kind: str, args, device: torch.device):
@@ -90,10 +88,7 @@ def main() -> None:
     print(f"  D-MAE / MAE step time  {result['distill_step_cost_vs_mae']:8.2f}x")
     if others is not None and others > 0.1:
         print(f"  note: other processes kept {others:.2f} cores busy on average during the timed steps")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"  wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,14 @@ def other_cores_busy(a, b) -> float | None:
     return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / (b[2] - a[2]))
 
 
+def write_result(result: dict, path: str) -> None:
+    """The benchmark's numbers as JSON (benchmarks/results/ by default, not tracked by git)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"  wrote {out}")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -190,10 +198,7 @@ def main() -> None:
     if others is not None and others > 0.1:
         print(f"  note: other processes kept {others:.2f} cores busy on average during the timed steps")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"  wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

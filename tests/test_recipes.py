@@ -493,3 +493,14 @@ def test_config_table_lists_every_field_with_its_value():
     assert any(ln.split()[0] == "max_epoch" and ln.rstrip().endswith("7") for ln in lines if ln.split())
     assert any(ln.split()[0] == "scale" and ln.rstrip().endswith("(0.2, 1.0)") for ln in lines if ln.split())
     assert "'demo_run'" in table
+
+
+@pytest.mark.parametrize("recipe", ["mae_lite", "finetuning", "mocov3", "mask_rcnn_vitdet_t_100ep"])
+def test_every_recipe_refuses_a_zero_depth_and_passes_set_overrides_to_its_architecture(recipe):
+    from mae_lite.recipes import resolve_recipe
+
+    cls = resolve_recipe(recipe)
+    with pytest.raises(UserError, match="'depth' must be >= 1"):
+        cls(depth=0)
+    assert cls(depth=2).arch_record()["kwargs"]["depth"] == 2
+    assert "depth" not in cls().arch_record()["kwargs"]  # None: the architecture's own

@@ -37,19 +37,25 @@ def num_prefix_tokens(model: nn.Module, tokens: int) -> int:
     return tokens - h * w
 
 
-def image_batches(loader: Iterable, max_images: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """The image tensors of a loader's batches ((images, labels) or bare images), cut off at `max_images`."""
+def limited_batches(loader: Iterable, max_images: Optional[int] = None) -> Iterator:
+    """A loader's batches ((images, labels, ...) or bare images) until `max_images` images, the last one cut."""
     seen = 0
     for batch in loader:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         if max_images is not None:
-            images = images[: max_images - seen]
-        if len(images) == 0:
+            parts = [part[: max_images - seen] for part in parts]
+        if len(parts[0]) == 0:
             return
-        seen += len(images)
-        yield images
+        seen += len(parts[0])
+        yield parts if isinstance(batch, (list, tuple)) else parts[0]
         if max_images is not None and seen >= max_images:
             return
+
+
+def image_batches(loader: Iterable, max_images: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """The image tensors of a loader's batches ((images, labels) or bare images), cut off at `max_images`."""
+    for batch in limited_batches(loader, max_images):
+        yield batch[0] if isinstance(batch, list) else batch
 
 
 @contextmanager

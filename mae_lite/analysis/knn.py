@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import catch_layers, eval_mode, pooled_features, run_encoder
+from .features import catch_layers, eval_mode, limited_batches, pooled_features, run_encoder
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device | 
                      max_images: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D] float32 on the CPU, labels [N]) of a labelled loader, at most `max_images`."""
     feats, labels = [], []
-    for images, target in _labelled(loader, max_images):
+    for images, target in limited_batches(loader, max_images):
         with eval_mode(model):
             feats.append(pooled_features(model, images.to(device)).float().cpu())
         labels.append(torch.as_tensor(target).cpu())
@@ -75,7 +75,7 @@ def extract_layer_features(model: nn.Module, loader: Iterable, device: torch.dev
     `norm1` output, then the final norm), [N, D] each, with the labels [N]."""
     feats: list[list[torch.Tensor]] = []
     labels = []
-    for images, target in _labelled(loader, max_images):
+    for images, target in limited_batches(loader, max_images):
         with eval_mode(model), catch_layers(model) as caught:
             run_encoder(model, images.to(device))
         if not feats:
@@ -86,20 +86,6 @@ def extract_layer_features(model: nn.Module, loader: Iterable, device: torch.dev
     if not labels:
         raise ValueError("extract_layer_features: the loader gave no images")
     return [torch.cat(f) for f in feats], torch.cat(labels).long()
-
-
-def _labelled(loader: Iterable, max_images: Optional[int]):
-    """(images, labels) batches, cut off at `max_images` images."""
-    seen = 0
-    for images, target in loader:
-        if max_images is not None:
-            images, target = images[: max_images - seen], target[: max_images - seen]
-        if len(images) == 0:
-            return
-        seen += len(images)
-        yield images, target
-        if max_images is not None and seen >= max_images:
-            return
 
 
 def layer_knn_eval(model: nn.Module, train_loader: Iterable, eval_loader: Iterable, device: torch.device | str = "cpu",

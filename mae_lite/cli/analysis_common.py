@@ -74,9 +74,10 @@ def network(recipe: Recipe) -> nn.Module:
 
 
 def load_model(recipe: Recipe, ckpt: Optional[str], device: torch.device, what: str = "model",
-               need_decoder: bool = False) -> tuple[nn.Module, str]:
+               need_decoder: bool = False, checkpoint: Optional[dict] = None) -> tuple[nn.Module, str]:
     """The recipe's network with the checkpoint's weights (matching names and shapes), or randomly
     initialised without one (the paper's "Init" row); in eval mode on `device`. Returns (network, summary).
+    `checkpoint`: the file `ckpt` already read, for callers that look into it themselves.
 
     A checkpoint that leaves encoder tensors unfilled (or, with `need_decoder`, decoder tensors), or holds
     a different encoder (heads, width, depth, patch), is refused rather than analysed half-initialised."""
@@ -84,7 +85,7 @@ def load_model(recipe: Recipe, ckpt: Optional[str], device: torch.device, what: 
     if not ckpt:
         summary = f"{what}: no --ckpt, randomly initialised {type(net).__name__} (the 'Init' row)"
     else:
-        state = load_checkpoint(ckpt)
+        state = checkpoint if checkpoint is not None else load_checkpoint(ckpt)
         check_encoder_compatible(state.get("arch"), net, ckpt)
         report = load_pretrained(net, state, prefix=recipe.weights_prefix)
         left = [k for k in report.missing if k.startswith(("blocks.", "patch_embed."))]

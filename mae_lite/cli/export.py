@@ -38,9 +38,10 @@ def _main(argv: Optional[list[str]] = None) -> int:
     if not hasattr(recipe, "build_network"):
         raise UserError(f"recipe {recipe.name} has no classification network to export; use -f finetuning "
                         "(with encoder_arch=..., global_pool=...)")
-    net, summary = load_model(recipe, args.ckpt, torch.device("cpu"))
+    ckpt = load_checkpoint(args.ckpt)
+    net, summary = load_model(recipe, args.ckpt, torch.device("cpu"), checkpoint=ckpt)
     print(summary)
-    saved_head = network_state(load_checkpoint(args.ckpt), recipe.weights_prefix).get("head.weight")
+    saved_head = network_state(ckpt, recipe.weights_prefix).get("head.weight")
     with_head = saved_head is not None
     if with_head and isinstance(net.head, nn.Linear) and saved_head.shape != net.head.weight.shape:
         raise UserError(f"{args.ckpt} has a {saved_head.shape[0]}-class head but the recipe builds "

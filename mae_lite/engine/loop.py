@@ -402,17 +402,18 @@ def _sync_step(loss: torch.Tensor, stopper: StopSignals, env: DistEnv) -> tuple[
 
 
 def _state(env: DistEnv, start_epoch: int, iteration: int, iters: int, epoch_rng, method, optimizer, schedule, scaler,
-           best: dict, recipe, compute: Compute) -> dict[str, Any]:
-    """The checkpoint (the original's keys plus ours). `iteration` > 0 marks a mid-epoch checkpoint: that many
-    iterations of epoch `start_epoch` are done, and `epoch_rng` holds the random state its data order came from.
-    Collective (random states of every rank): every rank calls it."""
-    state = {"rng": gather_rng_states(env), "start_epoch": start_epoch, "iteration": iteration,
-             "iters_per_epoch": iters, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), **best, "arch": recipe.arch_record(),
-             "recipe": recipe.name, "config": recipe.to_dict(), "compute": compute.state_dict()}
-    if iteration:
-        state["epoch_rng"] = gather_rng_states(env, epoch_rng)
-    return state
+           best: dict, recipe, compute: Compute) -> Optional[dict[str, Any]]:
+    """The checkpoint (the original's keys plus ours) on the main process, None on the others. `iteration` > 0
+    marks a mid-epoch checkpoint: that many iterations of epoch `start_epoch` are done, and `epoch_rng` holds
+    the random state its data order came from. Collective (random states of every rank): every rank calls it."""
+    rng = gather_rng_states(env)
+    extra = {"epoch_rng": gather_rng_states(env, epoch_rng)} if iteration else {}
+    if not env.is_main:
+        return None
+    return {"rng": rng, "start_epoch": start_epoch, "iteration": iteration, "iters_per_epoch": iters,
+            "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+            "scaler": scaler.state_dict(), **best, "arch": recipe.arch_record(), "recipe": recipe.name,
+            "config": recipe.to_dict(), "compute": compute.state_dict(), **extra}
 
 
 def local_rng_state(env: DistEnv) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from ..engine.schedule import WarmupCosine
 from ..errors import UserError
 from .options import convert, type_name, unknown_key_error
 
+ARCH_OVERRIDES = ("patch_size", "depth")  # optional fields (None: the architecture's own) a recipe may declare
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -111,6 +112,10 @@ class Recipe:
         for key in ["train_limit", "eval_limit"]:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"option '{key}' must be >= 1 (or None for all), got {getattr(self, key)}")
+        for key in ARCH_OVERRIDES:
+            value = getattr(self, key, None)
+            if value is not None and value < 1:
+                raise UserError(f"option '{key}' must be >= 1 (or None for the architecture's own), got {value}")
         if self.ckpt_interval_minutes is not None and self.ckpt_interval_minutes <= 0:
             raise UserError(f"option 'ckpt_interval_minutes' must be > 0 (or None for off), got {self.ckpt_interval_minutes}")
         for key in ["num_workers", "warmup_epochs", "weight_decay", "warmup_lr", "min_lr", "lr", "clip_grad"]:
@@ -185,6 +190,10 @@ class Recipe:
     def arch_record(self) -> dict[str, Any]:
         """Architecture name and arguments stored in checkpoints, so a mismatched load can be refused."""
         return {}
+
+    def arch_overrides(self) -> dict[str, int]:
+        """The architecture arguments this recipe overrides (`patch_size`, `depth` where set)."""
+        return {key: getattr(self, key) for key in ARCH_OVERRIDES if getattr(self, key, None)}
 
     def load_initial_weights(self, model: nn.Module, ckpt_path: Optional[str]) -> Optional[str]:
         """Initialise from `ssl_train --ckpt` at the start of a run (never on --resume); return "<path>: <summary>"."""

@@ -82,7 +82,7 @@ class MaskRCNNViTDet(Recipe):
             raise UserError(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
         if not all(0 < m <= 1 for m in self.lr_milestones):
             raise UserError(f"lr_milestones are fractions of the run in (0, 1], got {self.lr_milestones}")
-        for key in ("window_size", "warmup_iters", "depth"):
+        for key in ("window_size", "warmup_iters"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise UserError(f"option '{key}' must be >= 0, got {getattr(self, key)}")
         for key in ("fpn_dim", "num_classes", "box_batch_size_per_image", "pretrain_img_size"):
@@ -93,13 +93,11 @@ class MaskRCNNViTDet(Recipe):
     def arch_record(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"img_size": self.img_size, "window_size": self.window_size,
                                   "global_blocks": list(self.global_blocks), "use_rel_pos": self.use_rel_pos,
-                                  "num_classes": self.num_classes, "fpn_dim": self.fpn_dim}
-        if self.depth:
-            kwargs["depth"] = self.depth
+                                  "num_classes": self.num_classes, "fpn_dim": self.fpn_dim, **self.arch_overrides()}
         return {"name": self.encoder_arch, "kwargs": kwargs, "detector": "mask_rcnn_vitdet"}
 
     def build_network(self) -> nn.Module:
-        arch = {**VIT_ARCHS[self.encoder_arch], **({"depth": self.depth} if self.depth else {})}
+        arch = {**VIT_ARCHS[self.encoder_arch], **self.arch_overrides()}
         net = ViTDetBackbone(img_size=self.img_size, drop_path_rate=self.drop_path, window_size=self.window_size,
                              global_blocks=self.global_blocks, use_rel_pos=self.use_rel_pos,
                              pretrain_img_size=self.pretrain_img_size, act_checkpoint=self.act_checkpoint, **arch)

@@ -85,11 +85,7 @@ class FinetuneMAE(Recipe):
 
     def arch_record(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"img_size": self.img_size, "num_classes": self.num_classes,
-                                  "global_pool": self.global_pool}
-        if self.patch_size:
-            kwargs["patch_size"] = self.patch_size
-        if self.depth:
-            kwargs["depth"] = self.depth
+                                  "global_pool": self.global_pool, **self.arch_overrides()}
         return {"name": self.encoder_arch, "kwargs": kwargs}
 
     def build_network(self) -> nn.Module:

@@ -42,9 +42,6 @@ class MaeLite(Recipe):
             raise UserError(f"encoder_arch {self.encoder_arch!r} is not an MAE model; use one of {', '.join(MAE_ARCHS)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise UserError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        for key in ("patch_size", "depth"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise UserError(f"option '{key}' must be >= 1 (or None for the architecture's own), got {getattr(self, key)}")
         if not 0.0 <= self.hflip <= 1.0:
             raise UserError(f"hflip is a probability in [0, 1], got {self.hflip}")
         patch = self.patch_size or MAE_ARCHS[self.encoder_arch]["patch_size"]
@@ -57,11 +54,7 @@ class MaeLite(Recipe):
             raise UserError(f"interpolation must be random, bilinear, bicubic or nearest, got {self.interpolation!r}")
 
     def arch_record(self) -> dict[str, Any]:
-        kwargs = {"img_size": self.img_size, "norm_pix_loss": self.norm_pix_loss}
-        if self.patch_size:
-            kwargs["patch_size"] = self.patch_size
-        if self.depth:
-            kwargs["depth"] = self.depth
+        kwargs = {"img_size": self.img_size, "norm_pix_loss": self.norm_pix_loss, **self.arch_overrides()}
         return {"name": self.encoder_arch, "kwargs": kwargs}
 
     def build_model(self) -> MAE:

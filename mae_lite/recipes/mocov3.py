@@ -52,9 +52,6 @@ class MoCoV3Recipe(Recipe):
         super().validate()
         if self.encoder_arch not in MOCOV3_ARCHS:
             raise UserError(f"encoder_arch {self.encoder_arch!r} is not a MoCo-v3 ViT; use one of {', '.join(MOCOV3_ARCHS)}")
-        for key in ("patch_size", "depth"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise UserError(f"option '{key}' must be >= 1 (or None for the architecture's own), got {getattr(self, key)}")
         for key in ("moco_dim", "moco_mlp_dim"):
             if getattr(self, key) < 1:
                 raise UserError(f"option '{key}' must be >= 1, got {getattr(self, key)}")
@@ -70,11 +67,7 @@ class MoCoV3Recipe(Recipe):
             raise UserError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
 
     def arch_record(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"img_size": self.img_size}
-        if self.patch_size:
-            kwargs["patch_size"] = self.patch_size
-        if self.depth:
-            kwargs["depth"] = self.depth
+        kwargs: dict[str, Any] = {"img_size": self.img_size, **self.arch_overrides()}
         if self.stop_grad_conv1:
             kwargs["stop_grad_conv1"] = True
         return {"name": self.encoder_arch, "kwargs": kwargs}

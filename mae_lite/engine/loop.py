@@ -209,7 +209,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                 bar.update(skip)
             epoch_rng = local_rng_state(env)
             t_prev = time.perf_counter()
-            for it, (images, target) in enumerate(loader):
+            for it, batch in enumerate(loader):
                 if it < skip:  # trained on before the checkpoint: loaded, so that every random stream advances
                     if it == skip - 1:  # as it did, but not used; then the saved state takes over
                         restore_rng_state(mid_epoch_rng[1], env)
@@ -218,7 +218,7 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                 t_data = time.perf_counter()
                 step = epoch * iters + it
                 schedule.step(step)
-                images, target = to_device(images, env.device), to_device(target, env.device)
+                images, target = recipe.device_batch(batch, env.device)
                 if hasattr(method, "set_progress"):  # methods with per-step schedules of their own (MoCo momentum)
                     method.set_progress(step, total_steps)
                 with ExitStack() as counting:  # the run's first step also counts its FLOPs
@@ -290,6 +290,9 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
                         raise Stopped(stopper.message(epoch + 1, it + 1, ckpt_file))
             bar.close()
             _warn_slow_loader(epoch_wait, epoch + 1, workers)
+            data_report = recipe.data_report(env)  # e.g. skipped bad images; may stop the run
+            if data_report:
+                LOGGER.info("epoch %d: data %s", epoch + 1, data_report)
             result.epochs_done = epoch + 1
             last = epoch + 1 == recipe.max_epoch
             is_best = False

@@ -170,6 +170,22 @@ class Recipe:
         """How the loaders batch items; None: torch's default (stacked tensors, or tuples of them)."""
         return None
 
+    def device_batch(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
+        """The loader's batch on `device` as the method takes it, `(images, target)`. The place for work that is
+        cheaper on the device than in loader workers (uint8 -> float and normalisation, GPU JPEG decoding, dropping
+        skipped images). Called once per step by the loop (and by evaluation), so it must not synchronise with the
+        host: no `.item()`, no `bool(tensor)`, no `.cpu()`."""
+        from ..engine.loop import to_device
+
+        images, target = batch
+        return to_device(images, device), to_device(target, device)
+
+    def data_report(self, env) -> dict[str, Any]:
+        """Called by the loop at the end of every training epoch, on every rank (it may run collectives): counts
+        about the data to log and to keep in the checkpoint under `data` (e.g. skipped undecodable images).
+        May raise UserError to stop the run (too many bad images). Default: nothing to report."""
+        return {}
+
     def evaluate(self, method: nn.Module, loader, env, amp: bool = False) -> dict[str, float]:
         """Metrics on the eval split, run every `eval_interval` epochs; must contain `primary_metric`.
         Default: top-1/top-5 of the method's network `.model` on a classification split."""

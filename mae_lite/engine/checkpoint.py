@@ -94,7 +94,15 @@ class LoadReport:
 
         return (f"loaded {len(self.loaded)} tensors; skipped {len(self.skipped)}{few(self.skipped)}; "
                 f"left at init {len(self.missing)}{few(self.missing)}"
-                + (f"; resized {', '.join(self.resized)}" if self.resized else ""))
+                + (f"; resized {', '.join(self.resized)}" if self.resized else "")
+                + (f"; blocks not in this network: {', '.join(self.extra_blocks)}" if self.extra_blocks else ""))
+
+    @property
+    def extra_blocks(self) -> list[str]:
+        """`blocks.i` of which nothing loaded and the network has nothing (e.g. D²-MAE's 13th block)."""
+        block = lambda k: ".".join(k.split(".")[:2]) if k.startswith("blocks.") else None  # noqa: E731
+        here = {block(k) for k in self.loaded + self.missing}
+        return sorted({block(k) for k in self.skipped} - here - {None}, key=lambda b: (len(b), b))
 
 
 def adapt_state(net: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:

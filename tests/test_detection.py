@@ -327,6 +327,10 @@ class _GroundTruthDetector(torch.nn.Module):
         return outs
 
 
+def _no_all_gather(*args, **kwargs):
+    raise AssertionError("distributed detection evaluation must gather to rank 0 only, not all_gather to every rank")
+
+
 def _eval_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     import os
 
@@ -335,6 +339,7 @@ def _eval_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env = init_process(rank, world, 0, "cpu")
+    torch.distributed.all_gather_object = _no_all_gather  # detections go to rank 0 only (gather_object)
     recipe = MaskRCNNViTDet(data_root=root, img_size=64, num_classes=2)
     ds = recipe.build_datasets()["eval"]
     loader = eval_loader(ds, 1, env, 0, collate_fn=recipe.collate_fn())
@@ -347,7 +352,8 @@ def _eval_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
 def test_two_process_evaluation_gathers_every_shard(coco_root, tmp_path):
     """Each of 2 processes detects on 1 of the 2 val images; perfect detections score 100 AP only if both
-    shards' detections reach pycocotools (one shard alone would miss half the ground truth)."""
+    shards' detections reach pycocotools (one shard alone would miss half the ground truth). The detections are
+    gathered to rank 0 only (all_gather_object is refused in the workers); the metrics are broadcast to every rank."""
     from mae_lite.engine.dist import free_port
 
     torch.multiprocessing.spawn(_eval_worker, args=(2, free_port(), str(coco_root), str(tmp_path)), nprocs=2, join=True)

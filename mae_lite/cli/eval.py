@@ -6,7 +6,7 @@ import sys
 from typing import Optional
 
 
-from ..engine.checkpoint import load_checkpoint, network_state
+from ..engine.checkpoint import load_checkpoint, network_state, select_weights
 from ..engine.dist import cleanup, init_from_cli
 from ..engine.evaluate import eval_loader, evaluate
 from ..engine.loop import cpu_cores
@@ -25,6 +25,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="recipe whose model and eval split to use (finetuning_exp.py, finetuning_rpe_exp.py, ...)")
     p.add_argument("--ckpt", required=True, help="checkpoint: ours (model.*) or the original's (module.model.*)")
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (model_ema) instead of model")
     p.add_argument("--exp-options", "--exp_options", dest="exp_options", nargs="+", default=None, metavar="KEY=VALUE")
     return p
 
@@ -33,6 +34,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     tune_allocator()
     recipe = build_recipe(args.exp_file, args.exp_options, args.batch_size)
+    if args.ema:
+        recipe.update({"weights_ema": True})
     if not hasattr(recipe, "build_eval_dataset") and not hasattr(recipe, "eval_checkpoint"):
         raise UserError(f"recipe {recipe.name} has no classification eval split; use a fine-tuning recipe with -f")
     env = init_from_cli(args.devices)
@@ -42,7 +45,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
             if env.is_main:
                 print("\n".join(lines))
             return 0
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = select_weights(load_checkpoint(args.ckpt), recipe.weights_ema, args.ckpt)
         net = recipe.build_network()
         state, own = network_state(ckpt, recipe.weights_prefix), net.state_dict()
         missing = [k for k in own if k not in state]

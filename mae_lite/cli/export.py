@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..engine.checkpoint import load_checkpoint, network_state
+from ..engine.checkpoint import load_checkpoint, network_state, select_weights
 from ..engine.export import export_timm
 from ..errors import UserError
 from .analysis_common import load_model, recipe_from
@@ -28,6 +28,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="recipe whose network to export (default finetuning: ViT-Tiny, 12 heads, mean pooling)")
     p.add_argument("--exp-options", "--exp_options", dest="exp_options", nargs="+", default=None, metavar="KEY=VALUE",
                    help="e.g. encoder_arch=vit_small_patch16 global_pool=False weights_prefix=base_encoder")
+    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (model_ema) instead of model")
     p.add_argument("--name", default=None, help="model name in the model card (default: the checkpoint's file name)")
     return p
 
@@ -35,10 +36,12 @@ def make_parser() -> argparse.ArgumentParser:
 def _main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     recipe = recipe_from(args)
+    if args.ema:
+        recipe.update({"weights_ema": True})
     if not hasattr(recipe, "build_network"):
         raise UserError(f"recipe {recipe.name} has no classification network to export; use -f finetuning "
                         "(with encoder_arch=..., global_pool=...)")
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = select_weights(load_checkpoint(args.ckpt), recipe.weights_ema, args.ckpt)
     net, summary = load_model(recipe, args.ckpt, torch.device("cpu"), checkpoint=ckpt)
     print(summary)
     saved_head = network_state(ckpt, recipe.weights_prefix).get("head.weight")
@@ -48,7 +51,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
                         f"{net.head.weight.shape[0]} classes; add --exp-options num_classes={saved_head.shape[0]}")
     if not with_head:  # a pre-trained encoder: export it headless rather than with an untrained head
         net.head = nn.Identity()
-    card = {"name": args.name or args.ckpt.rsplit("/", 1)[-1], "source checkpoint": args.ckpt,
+    card = {"name": args.name or args.ckpt.rsplit("/", 1)[-1],
+            "source checkpoint": args.ckpt + (" (EMA weights, model_ema)" if recipe.weights_ema else ""),
             "recipe used to build the network": recipe.name, "weights": summary.split(": ", 2)[-1],
             "classifier head": "trained (from the checkpoint)" if with_head else "none (pre-trained encoder, num_classes=0)",
             "exported by": f"mae-lite {__version__}"}

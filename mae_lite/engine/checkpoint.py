@@ -2,13 +2,14 @@
 
 Format (the original's): {"start_epoch", "model", "optimizer", "scheduler", "scaler", "best_top1",
 "best_top5", "best_top1_epoch"} with model keys `model.<network key>`; we add "arch" (architecture
-name and arguments), "recipe" and "config".
+name and arguments), "recipe" and "config"; runs with model_ema=True add "model_ema" (same layout as "model"),
+which `--ema` selects (`select_weights`).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -20,11 +21,24 @@ from ..errors import UserError
 from ..models.pos_embed import resize_pos_embed
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new file next to `path`, created with mode 0666 so the kernel applies the user's umask (mkstemp's 0600
+    would make checkpoints unreadable by the group on shared clusters)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # a leftover of the same name: draw another
+            continue
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves a torn file."""
+    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves a torn file.
+    The file gets the mode the user's umask gives (0644 under umask 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -54,6 +68,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict of tensors")
     return ckpt
+
+
+EMA_KEY = "model_ema"  # the loop's EMA weights (model_ema=True), laid out as `model`: the method's state dict
+
+
+def select_weights(ckpt: dict[str, Any], ema: bool, source: str | os.PathLike = "the checkpoint") -> dict[str, Any]:
+    """The checkpoint as the weight readers see it: itself, or with `ema` (`--ema`) a copy whose `model` entry is
+    the EMA weights, so every reader of `model` picks them. Selecting twice gives the same."""
+    if not ema:
+        return ckpt
+    weights = ckpt.get(EMA_KEY)
+    if not isinstance(weights, dict) or not weights:
+        raise UserError(f"{source} has no EMA weights ('{EMA_KEY}'): it was trained without model_ema=True; "
+                        "drop --ema to use its 'model' weights")
+    return {**ckpt, "model": weights}
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -131,13 +160,16 @@ def adapt_state(net: nn.Module, state: dict[str, torch.Tensor], report: LoadRepo
 
 
 def load_pretrained(net: nn.Module, source: str | os.PathLike | dict, prefix: str = "model",
-                    drop: Iterable[str] = ()) -> LoadReport:
+                    drop: Iterable[str] = (), ema: bool = False) -> LoadReport:
     """Load the matching weights of a checkpoint into `net` (non-strict) and report what happened.
 
     Keys whose shape differs (other than resizable position embeddings) are skipped, never forced;
-    keys containing any string in `drop` are skipped too.
+    keys containing any string in `drop` are skipped too. `ema`: the EMA weights (`model_ema`) instead.
     """
-    ckpt = load_checkpoint(source) if not isinstance(source, dict) else source
+    if isinstance(source, dict):
+        ckpt = select_weights(source, ema)
+    else:
+        ckpt = select_weights(load_checkpoint(source), ema, source)
     report = LoadReport()
     state = adapt_state(net, network_state(ckpt, prefix), report)
     own = net.state_dict()

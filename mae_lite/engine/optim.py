@@ -29,11 +29,27 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
     return list(groups.values())
 
 
+def adamw_kernel(device_type: str) -> dict[str, bool]:
+    """AdamW's implementation for parameters on `device_type`: the fused CUDA kernel (one launch for the whole
+    update, no per-parameter Python), else the multi-tensor `foreach` path (torch's CPU default is a loop)."""
+    return {"fused": True} if device_type == "cuda" else {"foreach": True}
+
+
+def params_device_type(groups: list[dict[str, Any]]) -> str:
+    """The device type of the groups' parameters ("cpu" when there are none)."""
+    for g in groups:
+        for p in g["params"]:
+            return p.device.type
+    return "cpu"
+
+
 def build_optimizer(groups: list[dict[str, Any]], cfg: Any) -> torch.optim.Optimizer:
-    """AdamW or SGD (Nesterov) from a recipe's `opt`, `opt_betas`, `opt_eps`, `momentum`; lr set by the schedule."""
+    """AdamW or SGD (Nesterov) from a recipe's `opt`, `opt_betas`, `opt_eps`, `momentum`; lr set by the schedule.
+    Build it after the model is on its device: AdamW's kernel (fused on CUDA) is chosen from the parameters'."""
     name = cfg.opt.lower()
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.scaled_lr, betas=tuple(cfg.opt_betas), eps=cfg.opt_eps)
+        return torch.optim.AdamW(groups, lr=cfg.scaled_lr, betas=tuple(cfg.opt_betas), eps=cfg.opt_eps,
+                                 **adamw_kernel(params_device_type(groups)))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=True)
     raise ValueError(f"unknown optimizer {cfg.opt!r}")

@@ -150,9 +150,9 @@ class MoCoV3(nn.Module):
 
     @torch.no_grad()
     def update_momentum_encoder(self, m: float) -> None:
-        """param_m <- m param_m + (1 - m) param_b, for every parameter (buffers follow their own forwards)."""
-        for p_b, p_m in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
-            p_m.mul_(m).add_(p_b.detach(), alpha=1.0 - m)
+        """param_m <- m param_m + (1 - m) param_b, for every parameter (buffers follow their own forwards):
+        lerp(param_m, param_b, 1 - m), as one multi-tensor kernel per device and dtype instead of a Python loop."""
+        torch._foreach_lerp_(list(self.momentum_encoder.parameters()), list(self.base_encoder.parameters()), 1.0 - m)
 
     @torch.no_grad()
     def sync_momentum_encoder(self) -> None:

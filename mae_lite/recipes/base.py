@@ -66,6 +66,7 @@ class Recipe:
     ckpt_interval_minutes: Optional[float] = None
     # initial weights (ssl_train --ckpt)
     weights_prefix: str = "model"
+    weights_ema: bool = False  # --ema: take the checkpoint's EMA weights (`model_ema`) instead of `model`
 
     def __init__(self, **options: Any):
         for key, tp in self.fields().items():  # instance copies, so class defaults are never mutated
@@ -217,4 +218,5 @@ class Recipe:
             return None
         from ..engine.checkpoint import load_pretrained
 
-        return f"{ckpt_path}: {load_pretrained(model.model, ckpt_path, prefix=self.weights_prefix).summary}"
+        report = load_pretrained(model.model, ckpt_path, prefix=self.weights_prefix, ema=self.weights_ema)
+        return f"{ckpt_path}: {report.summary}"

@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..data.coco import CocoDetection, LargeScaleJitter, collate_detection
-from ..engine.checkpoint import load_checkpoint, load_pretrained, network_state
+from ..engine.checkpoint import load_checkpoint, load_pretrained, network_state, select_weights
 from ..engine.dist import DistEnv
 from ..engine.log import LOGGER
 from ..engine.optim import build_optimizer
@@ -118,7 +118,8 @@ class MaskRCNNViTDet(Recipe):
         ckpt = load_checkpoint(ckpt_path)
         net = model.model.backbone.net
         check_encoder_compatible(ckpt.get("arch"), net, ckpt_path)
-        report = load_pretrained(net, ckpt, prefix=self.weights_prefix, drop=("decoder", "mask_token", "head"))
+        report = load_pretrained(net, ckpt, prefix=self.weights_prefix, drop=("decoder", "mask_token", "head"),
+                                 ema=self.weights_ema)
         if not any(k.startswith("blocks.") for k in report.loaded):
             raise UserError(f"{ckpt_path}: no block weights matched the backbone ({report.summary}); "
                             "check weights_prefix (model, base_encoder for MoCo, '' for flat keys)")
@@ -152,7 +153,9 @@ class MaskRCNNViTDet(Recipe):
     @torch.no_grad()
     def evaluate(self, method: nn.Module, loader, env: DistEnv, amp: bool = False) -> dict[str, float]:
         """COCO box and mask AP (in percent, as detectron2) of the eval split; every process detects on its
-        shard, the detections are gathered, and rank 0's pycocotools numbers are shared with all ranks."""
+        shard, the detections are gathered to rank 0 only (the others would hold every rank's detections for
+        nothing), and rank 0's pycocotools numbers are broadcast, so every rank takes the same best-checkpoint
+        decision."""
         data = loader.dataset
         coco_ds = data.dataset if isinstance(data, torch.utils.data.Subset) else data
         was_training = method.training
@@ -169,10 +172,11 @@ class MaskRCNNViTDet(Recipe):
                 results += coco_results(out, image_ids[-1], coco_ds.label_to_cat)
         method.train(was_training)
         if env.distributed:
-            gathered: list[Any] = [None] * env.world_size
-            torch.distributed.all_gather_object(gathered, (results, image_ids))
-            results = [r for part, _ in gathered for r in part]
-            image_ids = [i for _, part in gathered for i in part]
+            gathered: Optional[list[Any]] = [None] * env.world_size if env.is_main else None
+            torch.distributed.gather_object((results, image_ids), gathered, dst=0)
+            if env.is_main:
+                results = [r for part, _ in gathered for r in part]
+                image_ids = [i for _, part in gathered for i in part]
         shared = [coco_metrics(coco_ds.coco, results, image_ids) if env.is_main else None]
         if env.distributed:
             torch.distributed.broadcast_object_list(shared, src=0)
@@ -184,7 +188,8 @@ class MaskRCNNViTDet(Recipe):
         from ..engine.loop import cpu_cores
 
         method = self.build_model()
-        state, own = network_state(load_checkpoint(ckpt_path), "model"), method.model.state_dict()
+        ckpt = select_weights(load_checkpoint(ckpt_path), self.weights_ema, ckpt_path)
+        state, own = network_state(ckpt, "model"), method.model.state_dict()
         bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
         if bad or len(state) != len(own):
             raise UserError(f"{ckpt_path} is not a {self.name} checkpoint of this shape ({len(bad)} keys missing or "

@@ -140,7 +140,8 @@ class FinetuneMAE(Recipe):
         ckpt = load_checkpoint(path)
         check_encoder_compatible(ckpt.get("arch"), model.model, path)
         drop = ("decoder", "mask_token", "head")  # the head is always re-initialised
-        return f"{path}: {load_pretrained(model.model, ckpt, prefix=self.weights_prefix, drop=drop).summary}"
+        report = load_pretrained(model.model, ckpt, prefix=self.weights_prefix, drop=drop, ema=self.weights_ema)
+        return f"{path}: {report.summary}"
 
 
 class Finetune(FinetuneMAE):

@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import mae_lite  # noqa: F401  (registers the architectures in timm)
 from mae_lite.engine.checkpoint import load_pretrained, network_state, strip_prefix
+from mae_lite.errors import UserError
 from mae_lite.models import (MaskedAutoencoderViT, VisionTransformer, capture_attention, resize_pos_embed,
                              sincos_2d)
 
@@ -146,7 +147,7 @@ def tiny_mae() -> MaskedAutoencoderViT:
 def test_registry_builds_full_size(tiny_vit, tiny_mae):
     for name in ("vit_tiny_patch16", "vit_small_patch16", "mae_vit_tiny_patch16", "mae_vit_small_patch16"):
         assert timm.is_model(name)
-    assert type(tiny_vit) is VisionTransformer
+    assert type(tiny_vit) is TimmViT  # timm's own class
     assert type(tiny_mae) is MaskedAutoencoderViT
     assert type(timm.create_model("mae_vit_small_patch16")) is MaskedAutoencoderViT
 
@@ -164,13 +165,13 @@ def test_vit_registry_constructor_args(name, embed, depth, heads, patch, monkeyp
 
     # The constructor receives exactly the fact-sheet architecture (no module is built).
     with monkeypatch.context() as m:
-        m.setattr(VisionTransformer, "__init__", record)
+        m.setattr(TimmViT, "__init__", record)
         with pytest.raises(Stop):
             timm.create_model(name)
     assert seen["embed_dim"] == embed and seen["depth"] == depth
     assert seen["num_heads"] == heads and seen["patch_size"] == patch
     assert seen.get("mlp_ratio", 4.0) == 4.0 and seen.get("qkv_bias", True) is True
-    assert seen.get("img_size", 224) == 224 and seen.get("global_pool", True) is True
+    assert seen.get("img_size", 224) == 224 and seen["global_pool"] == "avg" and seen["norm_layer"](8).eps == 1e-6
 
     # And a cheap real build (one block) has the right modules.
     model = timm.create_model(name, depth=1)
@@ -202,10 +203,18 @@ def test_mae_registry_full_arch_on_meta(name, embed, depth, heads, dembed, ddept
     assert n_params(model) == mae_params(embed, depth, dembed, ddepth, patch)
 
 
-@pytest.mark.parametrize("name", [r[0] for r in VIT_TABLE] + [r[0] for r in MAE_TABLE])
+@pytest.mark.parametrize("name", [r[0] for r in MAE_TABLE])
 def test_pretrained_true_raises_clear_value_error(name):
     with pytest.raises(ValueError, match="pretrained=False"):
         timm.create_model(name, pretrained=True)
+
+
+@pytest.mark.parametrize("name", [r[0] for r in VIT_TABLE])
+def test_pretrained_without_a_file_is_one_clear_line(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here: nothing is downloaded, one line says what to do
+    with pytest.raises(UserError, match="pretrained_cfg_overlay=dict\\(file=PATH\\)") as e:
+        timm.create_model(name, pretrained=True)
+    assert "\n" not in str(e.value)
 
 
 def test_registry_lists_all_names():
@@ -233,7 +242,7 @@ def test_tiny_and_small_have_12_heads():
 
 def test_vit_small_param_count_by_hand():
     model = timm.create_model("vit_small_patch16")
-    assert type(model) is VisionTransformer
+    assert type(model) is TimmViT
     assert n_params(model) == vit_params(384, 12, 16)
 
 
@@ -667,7 +676,7 @@ def test_hooked_block_equals_sdpa_block_and_hooks_are_removed():
         plain_blk, plain_out = model.blocks[0](tok), model(x)
         with capture_attention(model) as caught:
             hooked_blk, hooked_out = model.blocks[0](tok), model(x)
-            assert len(model.blocks[0].attn.identity._forward_hooks) == 1
+            assert len(model.blocks[0].attn.k_norm._forward_hooks) == 1
         assert set(caught) == {0, 1}
     torch.testing.assert_close(hooked_blk, plain_blk, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hooked_out, plain_out, atol=1e-5, rtol=1e-5)
@@ -684,7 +693,7 @@ def test_hooked_block_equals_sdpa_block_and_hooks_are_removed():
         y = y + F.linear(hidden, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
     torch.testing.assert_close(plain_blk, y, atol=1e-5, rtol=1e-5)
     for b in model.blocks:
-        assert len(b.attn.identity._forward_hooks) == 0 and len(b.attn.identity._forward_pre_hooks) == 0
+        assert not (b.attn.q_norm._forward_hooks or b.attn.k_norm._forward_hooks or b.attn._forward_pre_hooks)
 
 
 def test_hooks_removed_after_exception_and_work_on_mae():
@@ -692,7 +701,7 @@ def test_hooks_removed_after_exception_and_work_on_mae():
     with pytest.raises(RuntimeError):
         with capture_attention(model, layers=[1]):
             raise RuntimeError("boom")
-    assert all(len(b.attn.identity._forward_hooks) == 0 for b in model.blocks)
+    assert all(not (b.attn.q_norm._forward_hooks or b.attn.k_norm._forward_hooks) for b in model.blocks)
     with torch.no_grad(), capture_attention(model, layers=[0, 1]) as caught:
         model(torch.randn(2, 3, 32, 32))
     # encoder sees cls + 16 kept tokens; 12 heads
@@ -783,11 +792,12 @@ def test_vit_init_facts():
     assert abs(w.std().item() - 0.02) < 0.001 and w.abs().max() <= 2.0  # trunc-normal(0.02)
     assert torch.count_nonzero(model.blocks[3].mlp.fc1.bias) == 0
     assert abs(model.pos_embed.std().item() - 0.02) < 0.002
-    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    params = {n for n, _ in model.named_parameters()}
+    assert model.no_weight_decay() & params == {"pos_embed", "cls_token"}
     # stochastic depth grows linearly from 0 to drop_path_rate
-    assert isinstance(model.blocks[0].drop_path, nn.Identity)
+    assert isinstance(model.blocks[0].drop_path1, nn.Identity)
     for i in range(1, 12):
-        assert model.blocks[i].drop_path.drop_prob == pytest.approx(0.1 * i / 11)
+        assert model.blocks[i].drop_path1.drop_prob == pytest.approx(0.1 * i / 11)
 
 
 def test_mae_init_facts(tiny_mae):
@@ -812,11 +822,13 @@ def test_mae_init_facts(tiny_mae):
 
 
 def test_global_pool_accepts_timm_spellings_and_refuses_others():
-    assert timm.create_model("vit_tiny_patch16", img_size=32, patch_size=4, depth=1, global_pool="avg").global_pool is True
-    m = timm.create_model("vit_tiny_patch16", img_size=32, patch_size=4, depth=1, global_pool="token")
-    assert m.global_pool is False and hasattr(m, "norm") and not hasattr(m, "fc_norm")
-    with pytest.raises(ValueError, match="global_pool"):
-        timm.create_model("vit_tiny_patch16", img_size=32, patch_size=4, depth=1, global_pool="max")
+    for pool, name in ((True, "avg"), (False, "token"), ("avg", "avg"), ("token", "token")):
+        m = timm.create_model("vit_tiny_patch16", img_size=32, patch_size=4, depth=1, global_pool=pool)
+        keys = set(m.state_dict())
+        assert m.global_pool == name and ("fc_norm.weight" in keys) == (name == "avg")
+        assert ("norm.weight" in keys) == (name == "token")
+    with pytest.raises(AssertionError, match="pooling"):
+        timm.create_model("vit_tiny_patch16", img_size=32, patch_size=4, depth=1, global_pool="mean")
 
 
 def test_mae_refuses_input_of_another_size():

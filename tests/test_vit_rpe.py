@@ -16,7 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mae_lite  # noqa: F401  (registers the architectures in timm)
+from timm.models.beit import Beit
+
 from mae_lite.engine.checkpoint import load_pretrained, network_state
+from mae_lite.errors import UserError
 from mae_lite.models import VisionTransformerRPE, capture_attention
 
 # 8x8 grid of 4-px patches (65 tokens), 12 heads of dim 4.
@@ -119,33 +122,34 @@ def rpe_params(d: int = 192, depth: int = 12, heads: int = 12, patch: int = 16, 
 @pytest.fixture(scope="module")
 def tiny_rpe() -> VisionTransformerRPE:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_rpe")
+    return timm.create_model("vit_tiny_patch16_rpe", use_abs_pos_emb=True)  # as the RPE recipe builds it
 
 
 # ----- registry and arguments -------------------------------------------------------------------------------
 def test_registry_and_pretrained_refused(tiny_rpe):
     assert timm.is_model("vit_tiny_patch16_rpe")
     assert "vit_tiny_patch16_rpe" in timm.list_models("*rpe*")
-    assert type(tiny_rpe) is VisionTransformerRPE
-    assert (tiny_rpe.embed_dim, tiny_rpe.depth, tiny_rpe.num_heads, tiny_rpe.global_pool) == (192, 12, 12, True)
+    assert isinstance(tiny_rpe, Beit)  # timm's own class
+    assert (tiny_rpe.embed_dim, len(tiny_rpe.blocks), tiny_rpe.global_pool) == (192, 12, "avg")
+    assert timm.create_model("vit_tiny_patch16_rpe", depth=1).pos_embed is None  # the original factory's default
     assert all(b.attn.num_heads == 12 for b in tiny_rpe.blocks)
     assert tiny_rpe.blocks[0].attn.scale == pytest.approx(16 ** -0.5)
     assert tiny_rpe.blocks[0].norm1.eps == 1e-6 and tiny_rpe.fc_norm.eps == 1e-6
     assert tiny_rpe.blocks[0].mlp.fc1.out_features == 768
-    with pytest.raises(ValueError, match="pretrained=False"):
-        timm.create_model("vit_tiny_patch16_rpe", pretrained=True)
+    with pytest.raises(UserError, match="pretrained_cfg_overlay"):
+        timm.create_model("vit_tiny_patch16_rpe", pretrained=True, pretrained_cfg_overlay=dict(file="/nonexistent"))
 
 
 def test_keyword_arguments_override_the_arch():
     m = timm.create_model("vit_tiny_patch16_rpe", img_size=32, patch_size=4, depth=3, num_classes=7,
-                          drop_path_rate=0.2)
-    assert len(m.blocks) == 3 and m.depth == 3 and m.head.out_features == 7
+                          drop_path_rate=0.2, use_abs_pos_emb=True)
+    assert len(m.blocks) == 3 and m.head.out_features == 7
     assert m.pos_embed.shape == (1, 65, 192)
     assert m.blocks[0].attn.relative_position_bias_table.shape == (15 * 15 + 3, 12)
     assert m.blocks[0].attn.relative_position_index.shape == (65, 65)
-    assert isinstance(m.blocks[0].drop_path, nn.Identity)  # stochastic depth 0 -> 0.2 linearly
-    assert m.blocks[1].drop_path.drop_prob == pytest.approx(0.1)
-    assert m.blocks[2].drop_path.drop_prob == pytest.approx(0.2)
+    assert isinstance(m.blocks[0].drop_path1, nn.Identity)  # stochastic depth 0 -> 0.2 linearly
+    assert m.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert m.blocks[2].drop_path2.drop_prob == pytest.approx(0.2)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     with pytest.raises(Exception):  # the patch embedding refuses another input size, as the original's
         m(torch.randn(1, 3, 64, 64))
@@ -274,7 +278,7 @@ def test_mae_checkpoint_into_rpe_loads_what_the_original_loads():
     """§3.6: the MAE `attn.qkv.bias` does not match by name; q/v biases, tables, gammas, fc_norm, head stay."""
     torch.manual_seed(0)
     mae = timm.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=4, depth=2)
-    rpe = timm.create_model("vit_tiny_patch16_rpe", img_size=32, patch_size=4, depth=2)
+    rpe = timm.create_model("vit_tiny_patch16_rpe", img_size=32, patch_size=4, depth=2, use_abs_pos_emb=True)
     init = copy.deepcopy(rpe.state_dict())
     msd = {k: v + 0.01 if k.endswith("qkv.weight") else v for k, v in mae.state_dict().items()}
     report = load_pretrained(rpe, {"model": {"model." + k: v for k, v in msd.items()}})
@@ -322,7 +326,7 @@ def test_captured_logits_equal_hand_computation_with_bias():
         # One entry by hand: head 5, query patch (1,2) = token 11, key cls -> table row 15*15+3-2 = 226.
         b = model.blocks[0].attn.relative_position_bias_table
         assert (caught[0][:, 5, 11, 0] - no_bias[:, 5, 11, 0]).allclose(b[226, 5].expand(2), atol=1e-6)
-    assert all(len(blk.attn.identity._forward_hooks) == 0 for blk in model.blocks)
+    assert all(len(blk.attn._forward_pre_hooks) == 0 for blk in model.blocks)
 
 
 @pytest.mark.parametrize("cfg,grid", [(SMALL, (8, 8)), (LONG, (12, 12))])
@@ -346,11 +350,11 @@ def test_block_by_hand_and_sdpa_equals_explicit(cfg, grid, monkeypatch):
         plain_calls = len(calls)
         with capture_attention(model) as caught:
             hooked_blk, hooked_out = model.blocks[0](t), model(img)
-        assert len(calls) == plain_calls  # hooked blocks never call SDPA
+        assert len(calls) == 2 * plain_calls  # hooked blocks keep timm's fused attention
         assert set(caught) == {0, 1}
         expected = hand_block(model.blocks[0], t, grid, 12)
-    # CPU: explicit maths up to 100 tokens, SDPA (with the bias as mask) beyond
-    assert plain_calls == (0 if n <= 100 else 3) and all(calls)
+    # SDPA with the relative position bias as its mask, at every length
+    assert plain_calls == 3 and all(calls)
     torch.testing.assert_close(plain_blk, hooked_blk, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(plain_out, hooked_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hooked_blk, expected, atol=1e-5, rtol=1e-5)

@@ -50,7 +50,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
         raise UserError(f"{args.ckpt} has a {saved_head.shape[0]}-class head but the recipe builds "
                         f"{net.head.weight.shape[0]} classes; add --exp-options num_classes={saved_head.shape[0]}")
     if not with_head:  # a pre-trained encoder: export it headless rather than with an untrained head
-        net.head = nn.Identity()
+        net.reset_classifier(0)
     card = {"name": args.name or args.ckpt.rsplit("/", 1)[-1],
             "source checkpoint": args.ckpt + (" (EMA weights, model_ema)" if recipe.weights_ema else ""),
             "recipe used to build the network": recipe.name, "weights": summary.split(": ", 2)[-1],

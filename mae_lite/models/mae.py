@@ -1,5 +1,6 @@
 """Masked autoencoder with a ViT encoder and a light decoder, with the original's keys and maths.
 
+Blocks are timm's ViT `Block` (keys `norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`).
 Encoder: patch embedding + fixed 2-D sin-cos position embedding, per-sample random masking (argsort of
 uniform noise, or a given `ids_shuffle`), cls token, blocks, `norm`. Decoder: `decoder_embed`, mask
 tokens, un-shuffle, its own fixed sin-cos table, blocks, `decoder_norm`, `decoder_pred`. Loss: MSE on
@@ -11,10 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
 
 from ._registry import register
 from .pos_embed import sincos_2d
-from .vit import Block, LayerNorm
+from .vit import LayerNorm
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -28,14 +30,16 @@ class MaskedAutoencoderViT(nn.Module):
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+                                    for _ in range(depth))
         self.norm = LayerNorm(embed_dim)
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth))
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+            for _ in range(decoder_depth))
         self.decoder_norm = LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
         self._init_weights()
@@ -165,5 +169,14 @@ MAE_ARCHS = {
     "mae_vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
                                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
 }
+def _create(name: str, pretrained: bool, kwargs: dict) -> MaskedAutoencoderViT:
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm hub arguments
+        kwargs.pop(k, None)
+    if pretrained:
+        raise ValueError(f"{name} has no downloadable weights (nothing is fetched at run time): create it with "
+                         "pretrained=False, then load a checkpoint with mae_lite.load_pretrained(model, path)")
+    return MaskedAutoencoderViT(**{**MAE_ARCHS[name], **kwargs})
+
+
 for _name, _arch in MAE_ARCHS.items():
-    register(_name, MaskedAutoencoderViT, _arch, globals())
+    register(_name, _create, f"MaskedAutoencoderViT({', '.join(f'{k}={v}' for k, v in _arch.items())})", globals())

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import register
+from timm.models import register_model
+
 from .mae import MAE_ARCHS, MaskedAutoencoderViT, _take
 
 
@@ -105,6 +106,17 @@ MAE_D2_ARCHS = {
     "mae_vit_tiny_d13_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=12, decoder_embed_dim=96,
                                      decoder_depth=1, decoder_num_heads=3, decode_idx=8),
 }
-for _name, _arch in MAE_D2_ARCHS.items():
-    register(_name, MaskedAutoencoderViTD2, _arch, globals())
+
+
+@register_model
+def mae_vit_tiny_d13_patch16(pretrained: bool = False, **kwargs) -> MaskedAutoencoderViTD2:
+    """MaskedAutoencoderViTD2: MAE-Tiny with 12 full blocks + a logits-only 13th, decoder input after block 8."""
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm hub arguments
+        kwargs.pop(k, None)
+    if pretrained:
+        raise ValueError("mae_vit_tiny_d13_patch16 has no downloadable weights (nothing is fetched at run time): "
+                         "create it with pretrained=False, then load a checkpoint with mae_lite.load_pretrained")
+    return MaskedAutoencoderViTD2(**{**MAE_D2_ARCHS["mae_vit_tiny_d13_patch16"], **kwargs})
+
+
 MAE_ARCHS.update(MAE_D2_ARCHS)  # an MAE architecture for the recipes (encoder_arch) and the encoder checks

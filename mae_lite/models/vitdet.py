@@ -4,7 +4,7 @@ As the original's detectron2 config (`mask_rcnn_vitdet_t_100ep.py`, fact sheet 4
 (14x14 windows) in every block except the global ones (2, 5, 8, 11), decomposed relative position terms
 (zero at the start) in every attention, the 14x14 pre-training position embedding (its cls position kept
 in the state dict) bicubically resized to the patch grid on each forward, no cls token, no final norm.
-Backbone keys equal detectron2's ViT (`patch_embed.proj`, `pos_embed`, `blocks.i.{norm1, attn.qkv,
+The blocks are timm's ViTDet/SAM `Block`. Backbone keys equal detectron2's ViT (`patch_embed.proj`, `pos_embed`, `blocks.i.{norm1, attn.qkv,
 attn.proj, attn.rel_pos_h, attn.rel_pos_w, norm2, mlp.fc1, mlp.fc2}`), so pre-trained ViT weights
 load by name and `ssl_to_detectron2` only prepends `backbone.net.`.
 """
@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, PatchEmbed, trunc_normal_
+from timm.models import vision_transformer_sam as sam
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -27,105 +28,40 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
+
 from .pos_embed import resize_pos_embed
-from .vit import Attention, Block, attend
+from .vit import LayerNorm
 
 GLOBAL_BLOCKS = (2, 5, 8, 11)  # ViT-Tiny/Small/Base: every third block attends globally
 
 
-# ----- window partition -------------------------------------------------------------------------
+# ----- ViTDet's block: timm's SAM/ViTDet `Block` (window attention, decomposed relative positions) -----------
 def window_partition(x: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """[B, H, W, C] -> ([B * nh * nw, size, size, C], padded (Hp, Wp)); the bottom/right pad is zeros."""
-    B, H, W, C = x.shape
-    ph, pw = (size - H % size) % size, (size - W % size) % size
-    if ph or pw:
-        x = F.pad(x, (0, 0, 0, pw, 0, ph))
-    Hp, Wp = H + ph, W + pw
-    x = x.view(B, Hp // size, size, Wp // size, size, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, size, size, C), (Hp, Wp)
+    return sam.window_partition(x, size)
 
 
 def window_unpartition(windows: torch.Tensor, size: int, padded: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
     """Inverse of `window_partition`: windows back to [B, H, W, C], the padding cut off."""
-    (Hp, Wp), (H, W) = padded, hw
-    B = windows.shape[0] // (Hp // size * Wp // size)
-    x = windows.view(B, Hp // size, Wp // size, size, size, -1).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(B, Hp, Wp, -1)[:, :H, :W].contiguous()
-
-
-# ----- decomposed relative position ---------------------------------------------------------------
-def rel_pos_table(q_len: int, k_len: int, table: torch.Tensor) -> torch.Tensor:
-    """[q_len, k_len, d] terms for offsets between query and key positions along one axis.
-
-    `table` holds 2 L - 1 learned vectors for offsets -(L-1)..L-1; a table made for another length is
-    linearly resized. Queries and keys of different lengths are compared on the finer grid.
-    """
-    span = 2 * max(q_len, k_len) - 1
-    if table.shape[0] != span:
-        table = F.interpolate(table.t()[None], size=span, mode="linear").squeeze(0).t()
-    q = torch.arange(q_len, device=table.device)[:, None] * max(k_len / q_len, 1.0)
-    k = torch.arange(k_len, device=table.device)[None, :] * max(q_len / k_len, 1.0)
-    offset = (q - k) + (k_len - 1) * max(q_len / k_len, 1.0)
-    return table[offset.long()]
+    return sam.window_unpartition(windows, size, tuple(hw), tuple(padded))
 
 
 def decomposed_rel_pos(q: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor,
                        q_hw: tuple[int, int], k_hw: tuple[int, int]) -> torch.Tensor:
-    """ViTDet's attention bias [B, heads, Nq, Nk] = q . R_h[row offset] + q . R_w[column offset].
-
-    `q`: unscaled queries [B, heads, Nq, d]; the bias is the sum of a row term and a column term,
-    each a matrix product with one axis' table, instead of a full 2-D table.
-    """
-    (qh, qw), (kh, kw) = q_hw, k_hw
-    Rh, Rw = rel_pos_table(qh, kh, table_h), rel_pos_table(qw, kw, table_w)
-    B, heads, _, d = q.shape
-    r_q = q.reshape(B, heads, qh, qw, d)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh.to(q.dtype))
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw.to(q.dtype))
-    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, heads, qh * qw, kh * kw)
+    """ViTDet's attention bias [B, heads, Nq, Nk] = q . R_h[row offset] + q . R_w[column offset] for unscaled
+    queries [B, heads, Nq, d] (timm's `get_decomposed_rel_pos_bias`, which takes heads folded into the batch)."""
+    B, heads, n, d = q.shape
+    bias = sam.get_decomposed_rel_pos_bias(q.reshape(B * heads, n, d), table_h.to(q.dtype), table_w.to(q.dtype),
+                                           q_hw, k_hw)
+    return bias.reshape(B, heads, n, -1)
 
 
-class RelPosAttention(Attention):
-    """Our `Attention` (same `qkv`/`proj` keys, same `identity` hook point) on a [B, H, W, C] grid, with
-    detectron2's zero-initialised `rel_pos_h` / `rel_pos_w` tables for a `grid` of that size."""
-
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], qkv_bias: bool = True, use_rel_pos: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
-        self.use_rel_pos = use_rel_pos
-        if use_rel_pos:
-            head_dim = dim // num_heads
-            self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid[0] - 1, head_dim))
-            self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid[1] - 1, head_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        N = H * W
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W)) if self.use_rel_pos else None
-        x = attend(self, q, k, v, bias)
-        return self.proj(x.transpose(1, 2).reshape(B, H, W, C))
-
-
-class WindowBlock(Block):
-    """Our pre-norm `Block` (same keys) on a [B, H, W, C] grid; attention inside `window` x `window`
-    windows, or over the whole grid when `window` is 0."""
-
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], window: int = 0, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path: float = 0.0, use_rel_pos: bool = True):
-        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, drop_path=drop_path)
-        self.window = window
-        self.attn = RelPosAttention(dim, num_heads, (window, window) if window else grid, qkv_bias, use_rel_pos)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut, x = x, self.norm1(x)
-        if self.window:
-            hw = x.shape[1:3]
-            x, padded = window_partition(x, self.window)
-            x = window_unpartition(self.attn(x), self.window, padded, hw)
-        else:
-            x = self.attn(x)
-        x = shortcut + self.drop_path(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+def WindowBlock(dim: int, num_heads: int, grid: tuple[int, int], window: int = 0, mlp_ratio: float = 4.0,
+                qkv_bias: bool = True, drop_path: float = 0.0, use_rel_pos: bool = True) -> nn.Module:
+    """timm's ViTDet block on a [B, H, W, C] grid: attention inside `window` x `window` windows (the global
+    `grid` when `window` is 0), zero-initialised `rel_pos_h` / `rel_pos_w` tables; detectron2's keys."""
+    return sam.Block(dim, num_heads, mlp_ratio, qkv_bias, drop_path=drop_path, norm_layer=LayerNorm,
+                     use_rel_pos=use_rel_pos, window_size=window, input_size=tuple(grid))
 
 
 class ViTDetBackbone(nn.Module):

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..models.mae import MaskedAutoencoderViT
+from ..models.vit import uses_mean_pool
 
 
 def run_encoder(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -26,7 +27,7 @@ def run_encoder(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm after the last block: `fc_norm` under global pooling, else `norm` (as the original's RepCatcher)."""
-    if getattr(model, "global_pool", False) and getattr(model, "fc_norm", None) is not None:
+    if uses_mean_pool(model) and isinstance(getattr(model, "fc_norm", None), nn.LayerNorm):
         return model.fc_norm
     return model.norm
 

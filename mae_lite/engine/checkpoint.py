@@ -143,7 +143,7 @@ def adapt_state(net: nn.Module, state: dict[str, torch.Tensor], report: LoadRepo
         target, src = own[key], state[key]
         if src.shape == target.shape:
             continue
-        if isinstance(target, nn.Parameter) and not target.requires_grad:
+        if not target.requires_grad:  # a frozen parameter or a buffer
             del out[key]  # fixed sin-cos: the network's table already fits its grid
             report.missing.append(key)
             continue

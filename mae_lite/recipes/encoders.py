@@ -29,9 +29,9 @@ def encoder_signature(arch: dict[str, Any]) -> Optional[dict[str, Any]]:
 
 
 def network_signature(net: nn.Module) -> dict[str, Any]:
-    patch = getattr(getattr(net, "patch_embed", None), "patch_size", None)
-    return {"embed_dim": getattr(net, "embed_dim", None), "depth": getattr(net, "depth", None),
-            "num_heads": getattr(net, "num_heads", None), "patch_size": patch[0] if isinstance(patch, tuple) else patch}
+    from ..models import vit_dims
+
+    return vit_dims(net)
 
 
 def check_encoder_compatible(arch: Optional[dict[str, Any]], net: nn.Module, path) -> None:

@@ -12,7 +12,7 @@ import timm
 import torch.nn as nn
 
 from ..data import build_dataset
-from ..data.transforms import eval_transform, finetune_transform
+from ..data.transforms import erasing, eval_transform, finetune_transform
 from ..engine.checkpoint import load_checkpoint, load_pretrained
 from ..engine.log import LOGGER
 from ..engine.optim import build_optimizer, layer_decay_scale, param_groups
@@ -26,6 +26,7 @@ class FinetuneMAE(Recipe):
     """MAE's default fine-tuning recipe (`finetuning_mae_exp.py`)."""
 
     name: ClassVar[str] = "finetuning_mae"
+    uint8_batches: ClassVar[bool] = True
     aliases: ClassVar[tuple[str, ...]] = ("finetuning_mae_exp.py", "finetuning_mae_exp")
 
     pretrain_exp_name: Optional[str] = None  # required: the pre-training run (or scratch/<name>)
@@ -75,6 +76,9 @@ class FinetuneMAE(Recipe):
             raise UserError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.encoder_arch not in timm.list_models():
             raise UserError(f"unknown encoder_arch {self.encoder_arch!r}")
+        if self.decode_on_device:
+            raise UserError("decode_on_device applies to pre-training (mae_lite, mae_lite_distill): fine-tuning's "
+                            "RandAugment works on decoded PIL images in the loader workers; drop decode_on_device=True")
 
     @property
     def run_name(self) -> str:
@@ -90,8 +94,9 @@ class FinetuneMAE(Recipe):
 
     def build_network(self) -> nn.Module:
         arch = self.arch_record()
-        return timm.create_model(arch["name"], drop_path_rate=self.drop_path, drop_rate=self.drop,
-                                 attn_drop_rate=self.attn_drop_rate, **arch["kwargs"])
+        # the original's `drop` is timm's position + projection dropout (timm's drop_rate is head dropout)
+        return timm.create_model(arch["name"], drop_path_rate=self.drop_path, pos_drop_rate=self.drop,
+                                 proj_drop_rate=self.drop, attn_drop_rate=self.attn_drop_rate, **arch["kwargs"])
 
     def build_model(self) -> Classify:
         from timm.data import Mixup
@@ -110,20 +115,29 @@ class FinetuneMAE(Recipe):
         return Classify(self.build_network(), criterion, mixup)
 
     def build_eval_dataset(self):
-        eval_tf = eval_transform(self.img_size, self.crop_pct, "bicubic", self.mean, self.std)
+        eval_tf = eval_transform(self.img_size, self.crop_pct, "bicubic", self.mean, self.std, output="uint8")
         return self.limited(build_dataset(self.dataset, self.data_root, "eval", eval_tf, self.demo_samples), "eval")
 
     def build_datasets(self) -> dict:
         train_tf = finetune_transform(self.img_size, self.scale, self.ratio, self.hflip, self.color_jitter, self.aa,
                                       self.train_interpolation, self.reprob, self.remode, self.recount, self.mean,
-                                      self.std)
+                                      self.std, output="uint8")
         train = build_dataset(self.dataset, self.data_root, "train", train_tf, self.demo_samples)
         return {"train": self.limited(train, "train"), "eval": self.build_eval_dataset()}
+
+    def device_batch(self, batch, device, train: bool = True):
+        """Normalised on the device, then timm's random erasing there (training only), before mixup/cutmix."""
+        images, target = super().device_batch(batch, device, train)
+        if train and self.reprob > 0:
+            if getattr(self, "_erasing", (None, None))[0] != device:
+                self._erasing = (device, erasing(self.reprob, self.remode, self.recount, device))
+            images = self._erasing[1](images)
+        return images, target
 
     def build_optimizer(self, model: nn.Module):
         net = model.model
         skip = {f"model.{n}" for n in getattr(net, "no_weight_decay", lambda: set())()}
-        scale = layer_decay_scale(net.depth, self.layer_decay, prefix="model.")
+        scale = layer_decay_scale(len(net.blocks), self.layer_decay, prefix="model.")
         return build_optimizer(param_groups(model, self.weight_decay, skip=skip, lr_scale=scale), self)
 
     def pretrained_path(self, ckpt_path: Optional[str]) -> Path:

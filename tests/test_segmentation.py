@@ -267,3 +267,32 @@ def test_ssl_to_mmseg_keys_as_beit2mmseg(tmp_path):
         assert want in keys, want
     assert not any(k.startswith("blocks.") or ".mlp." in k or ".norm" in k for k in keys)
     assert ssl_to_mmseg([str(src), str(dst), "-wp", "base_encoder"]) == 2
+
+
+def test_rpe_checkpoint_folds_into_plain_blocks_with_the_same_features(tmp_path):
+    """q/v biases and LayerScale of an RPE ViT become qkv.bias and scaled proj/fc2: same block outputs (its
+    zero relative-position tables are dropped, as mmseg's MAE backbone drops them)."""
+    import timm
+
+    from mae_lite.models.semantic_fpn import vit_feature_maps
+    from mae_lite.recipes.segmentation import fold_beit_blocks
+
+    torch.manual_seed(0)
+    rpe = timm.create_model("vit_tiny_patch16_rpe", img_size=32, patch_size=8, depth=2, num_classes=0,
+                            use_abs_pos_emb=True).eval()
+    with torch.no_grad():
+        for name, p in rpe.named_parameters():
+            if "gamma" in name or "q_bias" in name or "v_bias" in name:
+                p.normal_()
+    state, dropped = fold_beit_blocks(rpe.state_dict())
+    assert len(dropped) == 4 and "blocks.0.attn.qkv.bias" in state and "blocks.1.gamma_2" not in state
+    r = SemanticFPNViT(img_size=32, patch_size=8, depth=2, out_indices=(0, 0, 1, 1))
+    method = r.build_model().eval()
+    path = tmp_path / "rpe.pth"
+    save_checkpoint({"model": {f"model.{k}": v for k, v in rpe.state_dict().items()}}, path)
+    line = r.load_initial_weights(method, str(path))
+    assert "folded" in line
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want, got = vit_feature_maps(rpe, x, (0, 1)), vit_feature_maps(method.model.backbone, x, (0, 1))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))

@@ -52,6 +52,27 @@ class WarmupPoly(WarmupCosine):
         return scale * self.lr * factor
 
 
+def fold_beit_blocks(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An RPE (BEiT-style) ViT's blocks as plain ViT blocks computing the same function: `q_bias`/`v_bias` become
+    `qkv.bias` = (q, 0, v) and LayerScale `gamma_1`/`gamma_2` is multiplied into `attn.proj` / `mlp.fc2`. The
+    relative position tables are dropped, as mmseg's `MAE` backbone drops them. Returns (state, dropped keys)."""
+    out, dropped = dict(state), []
+    blocks = sorted({k.split(".")[1] for k in state if k.startswith("blocks.") and k.endswith("attn.q_bias")}, key=int)
+    for i in blocks:
+        b = f"blocks.{i}."
+        q, v = out.pop(b + "attn.q_bias"), out.pop(b + "attn.v_bias")
+        out[b + "attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+        for gamma, layer in (("gamma_1", "attn.proj"), ("gamma_2", "mlp.fc2")):
+            if b + gamma in out:
+                g = out.pop(b + gamma)
+                out[b + layer + ".weight"] = out[b + layer + ".weight"] * g[:, None]
+                out[b + layer + ".bias"] = out[b + layer + ".bias"] * g
+        dropped += [k for k in list(out) if k.startswith(b + "attn.relative_position")]
+        for k in dropped:
+            out.pop(k, None)
+    return out, dropped
+
+
 class SemanticFPNViT(Recipe):
     name: ClassVar[str] = "semantic_fpn_t_160k"
     aliases: ClassVar[tuple[str, ...]] = ("semantic_fpn_t_160k.py",)
@@ -157,7 +178,8 @@ class SemanticFPNViT(Recipe):
 
     def load_initial_weights(self, model: nn.Module, ckpt_path: Optional[str]) -> Optional[str]:
         """Backbone weights from `--ckpt` as fine-tuning loads them (decoder, mask token, head and final norm
-        unused; the position embedding resized to the crop's grid); neck and head start from initialisation."""
+        unused; the position embedding resized to the crop's grid); neck and head start from initialisation.
+        An RPE fine-tuned checkpoint (q/v biases, LayerScale) is folded into plain ViT blocks first."""
         if not ckpt_path:
             LOGGER.info("notice: no --ckpt: the backbone starts from random initialisation (from scratch)")
             return None
@@ -166,11 +188,13 @@ class SemanticFPNViT(Recipe):
         ckpt = load_checkpoint(ckpt_path)
         vit = model.model.backbone
         check_encoder_compatible(ckpt.get("arch"), vit, ckpt_path)
-        report = load_pretrained(vit, ckpt, prefix=self.weights_prefix, drop=("decoder", "mask_token"))
+        state, dropped = fold_beit_blocks(network_state(ckpt, self.weights_prefix))
+        report = load_pretrained(vit, {"model": state}, prefix="", drop=("decoder", "mask_token"))
         if not any(k.startswith("blocks.") for k in report.loaded):
             raise UserError(f"{ckpt_path}: no block weights matched the backbone ({report.summary}); "
                             "check weights_prefix (model, base_encoder for MoCo, '' for flat keys)")
-        return f"{ckpt_path}: {report.summary}"
+        folded = f"; RPE blocks folded into plain ones, {len(dropped)} relative-position tensors dropped" if dropped else ""
+        return f"{ckpt_path}: {report.summary}{folded}"
 
     # ----- data, optimiser, schedule ----------------------------------------------------------------
     def check_dataset(self) -> None:

@@ -3,7 +3,8 @@
 Both views: RandomResizedCrop(scale 0.08-1) -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 -> Gaussian
 blur, sigma in [0.1, 2.0] px (p 1.0 on view 1, 0.1 on view 2) -> RandomGrayscale 0.2 -> horizontal flip
 -> solarisation p 0.2 (view 2 only) -> ToTensor -> Normalize. A dataset item becomes
-`((view1, view2), label)`.
+`((view1, view2), label)`. With `output="uint8"` (the recipe's) the crop is the fast one of decode.py (same
+distribution) and the views end as uint8 tensors, normalised on the device by the recipe.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import math
 from typing import Callable, Sequence
 
 from torchvision import transforms as T
+
+from .decode import FastRandomResizedCrop
 
 BLUR_SIGMA = (0.1, 2.0)
 
@@ -37,21 +40,27 @@ def blur_kernel(img_size: int, sigma_max: float = BLUR_SIGMA[1]) -> int:
 
 def ssl_view(img_size: int, blur_p: float, solarize_p: float, scale: Sequence[float] = (0.08, 1.0),
              mean: Sequence[float] = (0.485, 0.456, 0.406),
-             std: Sequence[float] = (0.229, 0.224, 0.225)) -> T.Compose:
+             std: Sequence[float] = (0.229, 0.224, 0.225), output: str = "float") -> T.Compose:
     """One view's augmentation (bilinear RandomResizedCrop, as torchvision's default the original uses)."""
     blur = T.GaussianBlur(blur_kernel(img_size), sigma=BLUR_SIGMA)
-    tf = [T.RandomResizedCrop(img_size, scale=tuple(scale)),
+    crop = (FastRandomResizedCrop(img_size, scale, interpolation="bilinear", hflip=0.0, output="pil")
+            if output == "uint8" else T.RandomResizedCrop(img_size, scale=tuple(scale)))
+    tf = [crop,
           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
           blur if blur_p >= 1.0 else T.RandomApply([blur], p=blur_p),
           T.RandomGrayscale(p=0.2),
           T.RandomHorizontalFlip()]
     if solarize_p > 0:
         tf.append(T.RandomSolarize(128, p=solarize_p))  # PIL's ImageOps.solarize threshold, as the original
+    if output == "uint8":
+        return T.Compose([*tf, T.PILToTensor()])
     return T.Compose([*tf, T.ToTensor(), T.Normalize(mean, std)])
 
 
 def ssl_transform(img_size: int = 224, scale: Sequence[float] = (0.08, 1.0),
                   mean: Sequence[float] = (0.485, 0.456, 0.406),
-                  std: Sequence[float] = (0.229, 0.224, 0.225)) -> TwoViews:
-    """The asymmetric pair: view 1 always blurred, never solarised; view 2 blurred 10%, solarised 20%."""
-    return TwoViews(ssl_view(img_size, 1.0, 0.0, scale, mean, std), ssl_view(img_size, 0.1, 0.2, scale, mean, std))
+                  std: Sequence[float] = (0.229, 0.224, 0.225), output: str = "float") -> TwoViews:
+    """The asymmetric pair: view 1 always blurred, never solarised; view 2 blurred 10%, solarised 20%.
+    (Both views crop the same decoded image, so it is decoded once at full size: no DCT scaling here.)"""
+    return TwoViews(ssl_view(img_size, 1.0, 0.0, scale, mean, std, output),
+                    ssl_view(img_size, 0.1, 0.2, scale, mean, std, output))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import UserError
@@ -17,6 +18,17 @@ def build_recipe(spec: str, options: Optional[list[str]], batch_size: Optional[i
     if cli:
         recipe.update(cli)
     return recipe
+
+
+def make_output_dir(path: Path) -> None:
+    """Create the run's output folder, or stop with one line naming it (a read-only or non-existent mount, a
+    path under a regular file), before any process is spawned or any collective is entered."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(f"cannot create the output folder {path} ({reason}); set output_dir=... (--exp-options) "
+                        "to a writable folder") from None
 
 
 STOPPED = 3  # exit status of a run stopped by a signal after saving its checkpoint

@@ -7,7 +7,7 @@ from typing import Optional
 
 
 from ..engine.checkpoint import load_checkpoint, network_state, select_weights
-from ..engine.dist import cleanup, init_from_cli
+from ..engine.dist import cleanup, init_from_cli, local_world_size
 from ..engine.evaluate import eval_loader, evaluate
 from ..engine.loop import cpu_cores
 from ..engine.perf import tune_allocator
@@ -32,13 +32,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
-    tune_allocator()
     recipe = build_recipe(args.exp_file, args.exp_options, args.batch_size)
     if args.ema:
         recipe.update({"weights_ema": True})
     if not hasattr(recipe, "build_eval_dataset") and not hasattr(recipe, "eval_checkpoint"):
         raise UserError(f"recipe {recipe.name} has no classification eval split; use a fine-tuning recipe with -f")
     env = init_from_cli(args.devices)
+    if env.device.type == "cpu":  # the glibc heap tuning is for CPU steps; GPU runs would only hold host memory
+        tune_allocator()
     try:
         if hasattr(recipe, "eval_checkpoint"):  # detection: COCO box/mask AP lines from the recipe's evaluate
             lines = recipe.eval_checkpoint(args.ckpt, env, args.amp)
@@ -59,7 +60,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
         net.load_state_dict(state)
         net.to(env.device)
         per_proc = max(1, recipe.batch_size // env.world_size)
-        loader = eval_loader(recipe.build_eval_dataset(), per_proc, env, min(recipe.num_workers, cpu_cores()))
+        workers = min(recipe.num_workers, cpu_cores() // local_world_size(env))  # shared by the local processes
+        loader = eval_loader(recipe.build_eval_dataset(), per_proc, env, workers)
         top1, top5 = evaluate(net, loader, env, args.amp)
         if env.is_main:
             print(f"Top1: {top1:.3f}, Top5: {top5:.3f}")

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 
 from ..engine.checkpoint import load_checkpoint
-from ..engine.dist import cleanup, init_from_cli
+from ..engine.dist import broadcast_object, cleanup, init_from_cli
 from ..engine.loop import train
 from ..engine.perf import tune_allocator
 from ..errors import NonFiniteLoss, Stopped, UserError
@@ -80,7 +80,6 @@ def markdown(title: str, runs: list[dict[str, Any]], lrs: list[float], decays: l
 
 def _main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
-    tune_allocator()
     base = build_recipe(args.exp_file, args.exp_options, args.batch_size, args.max_epoch)
     if "layer_decay" not in base.fields() or "save_folder_prefix" not in base.fields():
         raise UserError(f"recipe {base.name} has no layer_decay/save_folder_prefix: sweep a fine-tuning recipe "
@@ -96,18 +95,13 @@ def _main(argv: Optional[list[str]] = None) -> int:
     title = f"{base.name} on {getattr(base, 'dataset', '?')}, initial weights {start}"
 
     env = init_from_cli(args.devices)
+    if env.device.type == "cpu":
+        tune_allocator()
     table_json = folder / "sweep.json"
     settings = _settings(args)
-    old: dict[tuple[float, float], dict[str, Any]] = {}
-    stopped: set[tuple[float, float]] = set()  # points a signal interrupted: they resume from their checkpoint
-    if table_json.is_file() and not args.force:
-        try:
-            saved = json.loads(table_json.read_text())
-            if saved.get("settings") == settings:
-                old = {(r["lr"], r["layer_decay"]): r for r in saved.get("runs", []) if r.get("status") == "done"}
-                stopped = {(r["lr"], r["layer_decay"]) for r in saved.get("runs", []) if r.get("status") == "stopped"}
-        except (ValueError, KeyError, TypeError):
-            old, stopped = {}, set()
+    # rank 0 reads the table (the other ranks may not see its disk) and every rank follows it, point by point
+    old, stopped = broadcast_object(_recorded(table_json, settings) if env.is_main and not args.force else ({}, set()),
+                                    env)
     runs: list[dict[str, Any]] = []
     try:
         for i, (lr, decay) in enumerate(grid):
@@ -138,19 +132,35 @@ def _main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def _recorded(table_json: Path, settings: dict[str, Any]) -> tuple[dict, set]:
+    """Points of an earlier sweep with the same settings: finished ones (reused), stopped ones (resumed)."""
+    try:
+        saved = json.loads(table_json.read_text()) if table_json.is_file() else {}
+        if saved.get("settings") != settings:
+            return {}, set()
+        runs = saved.get("runs", [])
+        return ({(r["lr"], r["layer_decay"]): r for r in runs if r.get("status") == "done"},
+                {(r["lr"], r["layer_decay"]) for r in runs if r.get("status") == "stopped"})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}, set()
+
+
 def _run(recipe, env, args: argparse.Namespace, lr: float, decay: float, metric: str,
          resume: bool = False) -> dict[str, Any]:
+    """One grid point; its row as rank 0 records it, the same on every rank (only rank 0 writes checkpoints)."""
     row: dict[str, Any] = {"lr": lr, "layer_decay": decay, "folder": str(recipe.output_path)}
     try:
         result = train(recipe, env, init_ckpt=args.ckpt, amp=args.amp, resume_requested=resume)
     except NonFiniteLoss as e:
-        return {**row, "status": "diverged", "message": str(e)}
+        row = {**row, "status": "diverged", "message": str(e)}
     except Stopped as e:  # SIGTERM / Ctrl-C: the point's checkpoint is saved; the sweep stops after recording it
-        return {**row, "status": "stopped", "message": str(e).split(";")[0]}
-    ckpt = load_checkpoint(result.checkpoint)
-    return {**row, "status": "done", f"final_{metric}": result.metrics.get(metric),
-            f"best_{metric}": ckpt.get(f"best_{metric}"), "best_epoch": ckpt.get(f"best_{metric}_epoch"),
-            "final_top5": result.metrics.get("top5"), "epochs": result.epochs_done}
+        row = {**row, "status": "stopped", "message": str(e).split(";")[0]}
+    else:
+        ckpt = load_checkpoint(result.checkpoint) if env.is_main else {}
+        row = {**row, "status": "done", f"final_{metric}": result.metrics.get(metric),
+               f"best_{metric}": ckpt.get(f"best_{metric}"), "best_epoch": ckpt.get(f"best_{metric}_epoch"),
+               "final_top5": result.metrics.get("top5"), "epochs": result.epochs_done}
+    return broadcast_object(row, env)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

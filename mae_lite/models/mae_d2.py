@@ -16,7 +16,6 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from timm.models import register_model
 
 from .mae import MAE_ARCHS, MaskedAutoencoderViT, _take

@@ -64,7 +64,12 @@ def caption(model: MaskedAutoencoderViT, denorm: str = "patch") -> str:
 
 def grid_columns(model: MaskedAutoencoderViT, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                  mask_ratio: float = 0.75, seed: int = 0, denorm: str = "patch") -> list[tuple[str, torch.Tensor]]:
-    """The four columns as (title, [N, H, W, C] images in [0, 1]); masked patches are grey in the input."""
+    """The four columns as (title, [N, H, W, C] images in [0, 1]); masked patches are grey in the input.
+    `images`: normalised float, or uint8 as the loaders give them (normalised here with mean/std)."""
+    if images.dtype == torch.uint8:
+        from ..data.decode import to_float_normalised
+
+        images = to_float_normalised(images, mean, std)
     masked, recon, pasted, mask_img = reconstruct(model, images, mask_ratio, seed, denorm)
     m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)

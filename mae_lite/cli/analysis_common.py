@@ -104,17 +104,34 @@ def image_dataset(recipe: Recipe, split: str) -> Dataset:
     """A split of the recipe's dataset with the eval transform (Resize + CenterCrop, no augmentation)."""
     if split == "eval" and hasattr(recipe, "build_eval_dataset"):
         return recipe.build_eval_dataset()
-    tf = eval_transform(recipe.img_size, getattr(recipe, "crop_pct", 0.875), "bicubic", recipe.mean, recipe.std)
+    tf = eval_transform(recipe.img_size, getattr(recipe, "crop_pct", 0.875), "bicubic", recipe.mean, recipe.std,
+                        output="uint8" if recipe.uint8_batches else "float")  # normalised by the loader's eval_batch
     ds = build_dataset(recipe.dataset, recipe.data_root, split, tf, getattr(recipe, "demo_samples", 2048))
     return recipe.limited(ds, split)
 
 
-def loader(dataset: Dataset, batch: int, recipe: Recipe, device: torch.device, num: Optional[int] = None) -> DataLoader:
-    """The first `num` images of `dataset`, in order (as the seed's scripts), batched."""
+class PreparedLoader:
+    """A DataLoader whose batches come out of the recipe's `eval_batch` (on `device`, uint8 images normalised, an
+    undecodable image an error); `.dataset` and `len()` as the DataLoader's."""
+
+    def __init__(self, loader: DataLoader, recipe: Recipe, device: torch.device):
+        self.loader, self.recipe, self.device, self.dataset = loader, recipe, device, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.recipe.eval_batch(batch, self.device)
+
+
+def loader(dataset: Dataset, batch: int, recipe: Recipe, device: torch.device, num: Optional[int] = None) -> PreparedLoader:
+    """The first `num` images of `dataset`, in order (as the seed's scripts), batched, ready on `device`."""
     if num is not None and num < len(dataset):
         dataset = Subset(dataset, range(num))
-    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=min(recipe.num_workers, cpu_cores()),
-                      pin_memory=device.type == "cuda")
+    return PreparedLoader(DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=recipe.collate_fn(),
+                                     num_workers=min(recipe.num_workers, cpu_cores()),
+                                     pin_memory=device.type == "cuda"), recipe, device)
 
 
 def out_dir(args_out: Optional[str], recipe: Recipe, ckpt: Optional[str]) -> Path:

@@ -61,8 +61,9 @@ def _main(argv: Optional[list[str]] = None) -> int:
         net.to(env.device)
         per_proc = max(1, recipe.batch_size // env.world_size)
         workers = min(recipe.num_workers, cpu_cores() // local_world_size(env))  # shared by the local processes
-        loader = eval_loader(recipe.build_eval_dataset(), per_proc, env, workers)
-        top1, top5 = evaluate(net, loader, env, args.amp)
+        loader = eval_loader(recipe.build_eval_dataset(), per_proc, env, workers,
+                             collate_fn=recipe.collate_fn())
+        top1, top5 = evaluate(net, loader, env, args.amp, prepare=recipe.eval_batch)
         if env.is_main:
             print(f"Top1: {top1:.3f}, Top5: {top5:.3f}")
     finally:

@@ -11,6 +11,7 @@ from torchvision.datasets import ImageFolder
 from ..errors import UserError
 from .demo import DemoPhotos
 from .fashion_mnist import FashionMNIST
+from .folder import ScannedImageFolder
 from .transfer_sets import is_transfer_set, split_subfolder, transfer_set
 
 IMAGENET_SPLITS = {"train": "imagenet_train", "eval": "imagenet_val"}
@@ -28,7 +29,7 @@ def image_folder(root: Path, transform: Optional[Callable], what: str) -> ImageF
                         f"(e.g. {root}/n01440764/*.JPEG); put the data there or set data_root=..., "
                         "or try the embedded photos with dataset=demo")
     try:
-        return ImageFolder(str(root), transform=transform, loader=_rgb_loader)
+        return ScannedImageFolder(str(root), transform=transform, loader=_rgb_loader)  # rank 0 scans; bad files skip
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{what} at {root} is not usable: {str(e).splitlines()[0]}") from None
 

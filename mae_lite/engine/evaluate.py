@@ -1,6 +1,8 @@
 """Top-1/top-5 on an eval split; over several processes every image is counted exactly once."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -27,14 +29,19 @@ def eval_loader(dataset: Dataset, batch: int, env: DistEnv, workers: int, collat
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader: DataLoader, env: DistEnv, amp: bool = False) -> tuple[float, float]:
-    """(top-1, top-5) in percent, from correct counts summed over all processes."""
+def evaluate(net: nn.Module, loader: DataLoader, env: DistEnv, amp: bool = False,
+             prepare: Optional[Callable] = None) -> tuple[float, float]:
+    """(top-1, top-5) in percent, from correct counts summed over all processes. `prepare(batch, device)` puts a
+    batch on the device as the model takes it (the recipe's `eval_batch`: normalising uint8 images...)."""
     was_training = net.training
     net.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=env.device)  # top-1, top-5, images
     amp_dtype = torch.float16 if env.device.type == "cuda" else torch.bfloat16
-    for images, target in loader:
-        images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
+    for batch in loader:
+        if prepare is not None:
+            images, target = prepare(batch, env.device)
+        else:
+            images, target = batch[0].to(env.device, non_blocking=True), batch[1].to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp):
             logits = net(images)
         top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices

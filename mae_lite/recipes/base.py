@@ -28,6 +28,7 @@ class Recipe:
     aliases: ClassVar[tuple[str, ...]] = ()
     primary_metric: ClassVar[str] = "top1"  # the key of evaluate()'s result that picks the best checkpoint
     optimizers: ClassVar[tuple[str, ...]] = ("adamw", "sgd")  # accepted values of `opt` (build_optimizer knows them)
+    uint8_batches: ClassVar[bool] = False  # loaders give uint8 images that device_batch normalises (data/device_batch.py)
 
     # run and output
     exp_name: str = ""  # empty: the recipe's name
@@ -46,6 +47,8 @@ class Recipe:
     num_workers: int = 10  # per process, capped by the CPU cores available to it
     train_limit: Optional[int] = None  # keep only the first N training images (small-scale runs)
     eval_limit: Optional[int] = None  # keep only the first N eval images
+    max_bad_images: Optional[int] = None  # undecodable training images skipped before the run stops (None: 0.1 %, >= 10)
+    decode_on_device: bool = False  # pre-training: workers only read JPEG bytes, device_batch decodes (nvJPEG on CUDA)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     # optimisation
@@ -119,7 +122,8 @@ class Recipe:
                 raise UserError(f"option '{key}' must be >= 1 (or None for the architecture's own), got {value}")
         if self.ckpt_interval_minutes is not None and self.ckpt_interval_minutes <= 0:
             raise UserError(f"option 'ckpt_interval_minutes' must be > 0 (or None for off), got {self.ckpt_interval_minutes}")
-        for key in ["num_workers", "warmup_epochs", "weight_decay", "warmup_lr", "min_lr", "lr", "clip_grad"]:
+        for key in ["num_workers", "warmup_epochs", "weight_decay", "warmup_lr", "min_lr", "lr", "clip_grad",
+                    "max_bad_images"]:
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise UserError(f"option '{key}' must be >= 0, got {getattr(self, key)}")
         if self.clip_mode not in ("norm", "value"):
@@ -163,36 +167,62 @@ class Recipe:
     def limited(self, dataset: torch.utils.data.Dataset, split: str) -> torch.utils.data.Dataset:
         """The first `train_limit` / `eval_limit` items of a split, or all of them."""
         n = self.train_limit if split == "train" else self.eval_limit
+        if split == "train":
+            self._n_train = len(dataset) if n is None else min(n, len(dataset))  # for the max_bad_images default
         if n is None or n >= len(dataset):
             return dataset
+        if hasattr(dataset, "head"):  # shards: the first n in index order, still read sequentially
+            return dataset.head(n)
         return torch.utils.data.Subset(dataset, range(n))
 
     def collate_fn(self) -> Optional[Callable]:
-        """How the loaders batch items; None: torch's default (stacked tensors, or tuples of them)."""
-        return None
+        """How the loaders batch items: torch's default (stacked tensors, or tuples of them), with undecodable images
+        replaced and listed (data/bad_images.py) and, with decode_on_device, encoded JPEGs kept as a list."""
+        from ..data.bad_images import collate
 
-    def device_batch(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
+        if self.decode_on_device:
+            from functools import partial
+
+            from ..data.gpu_decode import collate_encoded
+
+            return partial(collate, inner=collate_encoded)
+        return collate
+
+    def device_batch(self, batch: Any, device: torch.device, train: bool = True) -> tuple[Any, Any]:
         """The loader's batch on `device` as the method takes it, `(images, target)`. The place for work that is
         cheaper on the device than in loader workers (uint8 -> float and normalisation, GPU JPEG decoding, dropping
         skipped images). Called once per step by the loop (and by evaluation), so it must not synchronise with the
-        host: no `.item()`, no `bool(tensor)`, no `.cpu()`."""
-        from ..engine.loop import to_device
+        host: no `.item()`, no `bool(tensor)`, no `.cpu()`. `train=False` (evaluation): a bad image is an error."""
+        from ..data.device_batch import prepare
 
-        images, target = batch
-        return to_device(images, device), to_device(target, device)
+        return prepare(batch, device, self.bad_images, train, self.mean, self.std, normalize=self.uint8_batches)
+
+    def eval_batch(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
+        return self.device_batch(batch, device, train=False)
+
+    @property
+    def bad_images(self):
+        """This run's BadImageCounter (data/bad_images.py), made on first use."""
+        if getattr(self, "_bad_images", None) is None:
+            from ..data.bad_images import BadImageCounter, default_limit
+
+            limit = self.max_bad_images if self.max_bad_images is not None else default_limit(getattr(self, "_n_train", 0))
+            self._bad_images = BadImageCounter(limit)
+        return self._bad_images
 
     def data_report(self, env) -> dict[str, Any]:
         """Called by the loop at the end of every training epoch, on every rank (it may run collectives): counts
         about the data to log and to keep in the checkpoint under `data` (e.g. skipped undecodable images).
-        May raise UserError to stop the run (too many bad images). Default: nothing to report."""
-        return {}
+        May raise UserError to stop the run (too many bad images). Default: the undecodable images skipped, over all
+        ranks (this epoch's, the run's, the first files)."""
+        return self.bad_images.report(env)
 
     def evaluate(self, method: nn.Module, loader, env, amp: bool = False) -> dict[str, float]:
         """Metrics on the eval split, run every `eval_interval` epochs; must contain `primary_metric`.
         Default: top-1/top-5 of the method's network `.model` on a classification split."""
         from ..engine.evaluate import evaluate
 
-        top1, top5 = evaluate(method.model, loader, env, amp)
+        top1, top5 = evaluate(method.model, loader, env, amp, prepare=self.eval_batch)
         return {"top1": top1, "top5": top5}
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

@@ -64,7 +64,7 @@ class LinProbe(FinetuneMAE):
 
     def build_datasets(self) -> dict:
         tf = pretrain_transform(self.img_size, self.scale, self.ratio, self.train_interpolation, self.hflip, self.mean,
-                                self.std)
+                                self.std, output="uint8")
         train = build_dataset(self.dataset, self.data_root, "train", tf, self.demo_samples)
         return {"train": self.limited(train, "train"), "eval": self.build_eval_dataset()}
 

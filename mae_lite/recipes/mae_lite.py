@@ -6,6 +6,7 @@ from typing import Any, ClassVar, Optional
 import timm
 
 from ..data import build_dataset, pretrain_transform
+from ..engine.log import LOGGER
 from ..errors import UserError
 from ..methods import MAE
 from ..models.mae import MAE_ARCHS
@@ -15,6 +16,7 @@ from .base import Recipe
 class MaeLite(Recipe):
     name: ClassVar[str] = "mae_lite"
     aliases: ClassVar[tuple[str, ...]] = ("mae_lite_exp.py", "mae_lite_exp")
+    uint8_batches: ClassVar[bool] = True
 
     # model
     encoder_arch: str = "mae_vit_tiny_patch16"  # 192 dim, 12 blocks, 12 heads; decoder 96 / 1 / 3
@@ -53,6 +55,20 @@ class MaeLite(Recipe):
         if self.interpolation not in ("random", "bilinear", "bicubic", "nearest"):
             raise UserError(f"interpolation must be random, bilinear, bicubic or nearest, got {self.interpolation!r}")
 
+    def train_transform(self):
+        """uint8 crops from the workers; with decode_on_device, JPEG bytes + crop parameters (data/gpu_decode.py)."""
+        if not self.decode_on_device:
+            return pretrain_transform(self.img_size, self.scale, self.ratio, self.interpolation, self.hflip, self.mean,
+                                      self.std, output="uint8")
+        import torch
+
+        from ..data.gpu_decode import DeviceDecodeCrop
+
+        if not torch.cuda.is_available():
+            LOGGER.info("notice: decode_on_device=True without CUDA: JPEGs are decoded in the main process on the CPU "
+                        "(the same code as on a GPU, slower than decoding in loader workers)")
+        return DeviceDecodeCrop(self.img_size, self.scale, self.ratio, self.interpolation, self.hflip)
+
     def arch_record(self) -> dict[str, Any]:
         kwargs = {"img_size": self.img_size, "norm_pix_loss": self.norm_pix_loss, **self.arch_overrides()}
         return {"name": self.encoder_arch, "kwargs": kwargs}
@@ -62,8 +78,7 @@ class MaeLite(Recipe):
         return MAE(timm.create_model(arch["name"], **arch["kwargs"]), self.mask_ratio)
 
     def build_datasets(self) -> dict:
-        tf = pretrain_transform(self.img_size, self.scale, self.ratio, self.interpolation, self.hflip, self.mean, self.std)
-        train = build_dataset(self.dataset, self.data_root, "train", tf, self.demo_samples)
+        train = build_dataset(self.dataset, self.data_root, "train", self.train_transform(), self.demo_samples)
         return {"train": self.limited(train, "train"), "eval": None}
 
 

@@ -21,6 +21,7 @@ from .base import Recipe
 
 
 class MoCoV3Recipe(Recipe):
+    uint8_batches: ClassVar[bool] = True
     name: ClassVar[str] = "mocov3"
     aliases: ClassVar[tuple[str, ...]] = ("mocov3_exp.py", "mocov3_exp")
 
@@ -50,6 +51,9 @@ class MoCoV3Recipe(Recipe):
 
     def validate(self) -> None:
         super().validate()
+        if self.decode_on_device:
+            raise UserError("decode_on_device applies to mae_lite / mae_lite_distill: MoCo-v3's colour jitter, blur "
+                            "and solarisation work on decoded PIL images in the loader workers; drop decode_on_device=True")
         if self.encoder_arch not in MOCOV3_ARCHS:
             raise UserError(f"encoder_arch {self.encoder_arch!r} is not a MoCo-v3 ViT; use one of {', '.join(MOCOV3_ARCHS)}")
         for key in ("moco_dim", "moco_mlp_dim"):
@@ -80,7 +84,7 @@ class MoCoV3Recipe(Recipe):
         return MoCoV3(encoder, self.moco_dim, self.moco_mlp_dim, self.moco_t, self.moco_m, sync_bn=sync_bn)
 
     def build_datasets(self) -> dict:
-        tf = ssl_transform(self.img_size, self.scale, self.mean, self.std)
+        tf = ssl_transform(self.img_size, self.scale, self.mean, self.std, output="uint8")
         train = build_dataset(self.dataset, self.data_root, "train", tf, self.demo_samples)
         return {"train": self.limited(train, "train"), "eval": None}
 

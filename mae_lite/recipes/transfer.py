@@ -120,14 +120,14 @@ class FinetuneTransfer(FinetuneMAE):
 
     # ----- data ---------------------------------------------------------------------------------
     def build_eval_dataset(self):
-        tf = eval_transform(self.img_size, self.crop_pct, "bicubic", self.mean, self.std)
+        tf = eval_transform(self.img_size, self.crop_pct, "bicubic", self.mean, self.std, output="uint8")
         ds = build_dataset(self.dataset, self.data_root, "eval", tf, self.demo_samples, self.class_type)
         return self.limited(ds, "eval")
 
     def build_datasets(self) -> dict:
         train_tf = finetune_transform(self.img_size, self.scale, self.ratio, self.hflip, self.color_jitter, self.aa,
                                       self.train_interpolation, self.reprob, self.remode, self.recount, self.mean,
-                                      self.std)
+                                      self.std, output="uint8")
         train = build_dataset(self.dataset, self.data_root, "train", train_tf, self.demo_samples, self.class_type)
         classes = self.data_classes(train)
         if self.num_classes is not None and self.num_classes < len(classes):

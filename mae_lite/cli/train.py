@@ -32,6 +32,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from <output>/last_epoch_ckpt.pth.tar, or from PATH")
     p.add_argument("--ckpt", default=None, help="initial weights, loaded at the start of a run (not on --resume)")
+    p.add_argument("--ema", action="store_true", help="initial weights from the EMA copy (model_ema) of --ckpt "
+                                                   "(or of the pre-training run fine-tuning finds)")
     p.add_argument("--exp-options", "--exp_options", dest="exp_options", nargs="+", default=None, metavar="KEY=VALUE",
                    help="override recipe attributes, e.g. exp_name=mae_lite/mae_tiny_400e data_root=/data")
     p.add_argument("--show-config", action="store_true", help="print the recipe's options with their values and exit")
@@ -98,6 +100,8 @@ def _worker(index: int, args: argparse.Namespace, spec: DeviceSpec, launcher: Op
 
 def _main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.ema:  # every process's recipe (built again in the workers) takes the EMA weights
+        args.exp_options = [*(args.exp_options or []), "weights_ema=True"]
     recipe = build_recipe(args.exp_file, args.exp_options, args.batch_size, args.max_epoch)  # fail fast, before spawning
     if args.show_config:
         print(recipe.config_table())

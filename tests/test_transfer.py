@@ -435,6 +435,25 @@ def test_sweep_writes_final_and_best_table(tmp_path, capsys):
     assert ssl_sweep(argv[:9] + ["--layer-decay", "0"] + argv[11:]) == 2  # refused before any training
 
 
+def test_sweep_under_torchrun_with_two_processes(tmp_path):
+    """Every rank trains each point; only rank 0 has the checkpoint and the table (the others used to crash on
+    load_checkpoint(None) and leave rank 0 hanging)."""
+    import sys
+
+    from _proc import run_process
+
+    write_cifar10(tmp_path / "data")
+    proc = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "mae_lite.cli.sweep", "-d", "cpu", "-b", "4", "-e", "1", "--lr", "0.01", "--exp-options",
+                        "pretrain_exp_name=scratch/t", "dataset=CIFAR10", f"data_root={tmp_path / 'data'}",
+                        f"output_dir={tmp_path}", "warmup_epochs=0", *TINY], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "scratch/t/ft_cifar10_sweep"
+    (run,) = json.loads((folder / "sweep.json").read_text())["runs"]
+    ck = load_checkpoint(folder / "lr0.01_ld0.75_eval" / "last_epoch_ckpt.pth.tar")
+    assert run["status"] == "done" and run["best_top1"] == ck["best_top1"] and len(ck["rng"]) == 2
+
+
 def test_sweep_records_a_diverged_point_and_goes_on(tmp_path):
     from mae_lite.cli.sweep import main as ssl_sweep
 

@@ -206,7 +206,7 @@ def test_ssl_export_ema_writes_the_ema_weights(ema_ckpt, tmp_path, capsys):
     assert "(EMA weights, model_ema)" in (out / "README.md").read_text()
 
 
-def test_ssl_train_ckpt_ema_starts_fine_tuning_from_the_ema_weights(ema_ckpt, monkeypatch):
+def test_ssl_train_ckpt_ema_starts_fine_tuning_from_the_ema_weights(ema_ckpt, tmp_path, monkeypatch):
     """The --ema flag reaches the recipe of the training process, whose initial weights are then the EMA's."""
     from mae_lite.cli import train as train_cli
 
@@ -219,7 +219,8 @@ def test_ssl_train_ckpt_ema_starts_fine_tuning_from_the_ema_weights(ema_ckpt, mo
         loaded.update(method.model.state_dict())
 
     monkeypatch.setattr(train_cli, "train", fake_train)
-    assert train_cli.main(["-d", "cpu", "-f", "finetuning", "--ckpt", str(path), "--ema", "--exp-options", *TINY]) == 0
+    assert train_cli.main(["-d", "cpu", "-f", "finetuning", "--ckpt", str(path), "--ema", "--exp-options", *TINY,
+                           f"output_dir={tmp_path / 'out'}", "pretrain_exp_name=mae"]) == 0
     for k in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.bias", "patch_embed.proj.weight"):
         torch.testing.assert_close(loaded[k], ema.state_dict()[k])
     assert not torch.equal(loaded["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])

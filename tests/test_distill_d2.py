@@ -130,7 +130,7 @@ def test_recipe_values_aliases_and_refusals():
 def test_cli_run_and_finetuning_loads_12_blocks_skipping_the_13th(tmp_path):
     teacher = tmp_path / "mae_tiny_teacher.pth"
     torch.save({"model": tiny_teacher().state_dict()}, teacher)  # the official format: flat encoder keys
-    opts = [f"{k}={v}" for k, v in dict(dataset="demo", demo_samples=16, num_workers=0, print_interval=1,
+    opts = [f"{k}={v}" for k, v in dict(dataset="demo", demo_samples=8, num_workers=0, print_interval=1,
                                         vis_images=0, teacher_arch="mae_vit_tiny_patch16", **SMALL).items()]
     assert ssl_train(["-d", "cpu", "-f", "mae_lite_distill_d2", "-b", "8", "-e", "1", "--exp-options", *opts,
                       f"teacher_ckpt_path={teacher}", f"output_dir={tmp_path}", "exp_name=d2"]) == 0

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mae_lite.cli.eval import main as ssl_eval
 from mae_lite.cli.train import main as ssl_train
 from mae_lite.engine.checkpoint import load_checkpoint
 from mae_lite.methods import Classify
@@ -131,3 +132,8 @@ def test_cli_run_and_missing_teacher_one_liner(tmp_path, capsys):
     assert not any(k.startswith(("teacher", "tch_model")) for k in ckpt["model"])
     log = "".join(p.read_text() for p in out.glob("train_log-*.txt"))  # the refused runs logged there too
     assert "teacher resnet10t from" in log and " | distill " in log
+    # ssl_eval builds the distilled ViT without a teacher and scores the averaged heads, as the run's evaluation
+    capsys.readouterr()
+    assert ssl_eval(["-d", "cpu", "-b", "8", "-f", "finetuning_distill_exp.py", "--ckpt", str(out / "last_epoch_ckpt.pth.tar"),
+                     "--exp-options", *opts]) == 0
+    assert f"Top1: {ckpt['best_top1']:.3f}" in capsys.readouterr().out

@@ -77,6 +77,9 @@ def moco_vit(stop_grad_conv1: bool = False, **kwargs) -> VisionTransformer:
     return model
 
 
+VisionTransformerMoCo = VisionTransformer  # the class the MoCo-v3 models are (our former class name)
+
+
 def checkpoint_filter_fn(state: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
     return filter_state(state, model)
 

@@ -23,6 +23,8 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError
 
+cv2.setNumThreads(0)  # one thread per loader worker, as mmengine sets it (no oversubscription)
+
 IGNORE = 255
 SPLITS = {"train": "training", "eval": "validation"}
 CLASSES = (

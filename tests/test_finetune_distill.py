@@ -137,3 +137,16 @@ def test_cli_run_and_missing_teacher_one_liner(tmp_path, capsys):
     assert ssl_eval(["-d", "cpu", "-b", "8", "-f", "finetuning_distill_exp.py", "--ckpt", str(out / "last_epoch_ckpt.pth.tar"),
                      "--exp-options", *opts]) == 0
     assert f"Top1: {ckpt['best_top1']:.3f}" in capsys.readouterr().out
+
+
+def test_teacher_from_safetensors_and_ddp_prefix(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    net = timm.create_model("resnet10t", num_classes=13, global_pool="avg")
+    save_file(net.state_dict(), str(tmp_path / "model.safetensors"))  # timm's hub layout
+    teacher = FinetuneDistill(**SMALL, teacher_ckpt_path=str(tmp_path / "model.safetensors")).build_teacher()
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in teacher.state_dict().items())
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "ddp.pth")
+    teacher = FinetuneDistill(**SMALL, teacher_ckpt_path=str(tmp_path / "ddp.pth")).build_teacher()
+    assert torch.equal(teacher.conv1[0].weight, net.conv1[0].weight)

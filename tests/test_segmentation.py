@@ -296,3 +296,50 @@ def test_rpe_checkpoint_folds_into_plain_blocks_with_the_same_features(tmp_path)
     with torch.no_grad():
         want, got = vit_feature_maps(rpe, x, (0, 1)), vit_feature_maps(method.model.backbone, x, (0, 1))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))
+
+
+class _ScriptedRng:
+    """Stands in for numpy's Generator: `integers` and `uniform` return the scripted values in turn."""
+
+    def __init__(self, ints, uniforms):
+        self.ints, self.uniforms = list(ints), list(uniforms)
+
+    def integers(self, *args):
+        return self.ints.pop(0)
+
+    def uniform(self, *args):
+        return self.uniforms.pop(0)
+
+
+def test_photometric_distortion_steps_as_mmseg():
+    from mae_lite.data.ade20k import photometric_distortion
+
+    img = np.array([[[10, 100, 250], [0, 0, 255]]], np.uint8)  # BGR
+    # brightness +10 (coin 1), contrast first (mode 1, coin 1, x1.5), no saturation, no hue
+    out = photometric_distortion(img, _ScriptedRng([1, 1, 1, 0, 0], [10.0, 1.5]))
+    want = np.clip(np.clip(img.astype(np.float32) + 10, 0, 255).astype(np.uint8).astype(np.float32) * 1.5, 0, 255)
+    assert out.tolist() == want.astype(np.uint8).tolist()
+    # only hue, +90 (OpenCV's uint8 hue is 0..179): pure red becomes cyan
+    red = np.array([[[0, 0, 255]]], np.uint8)
+    out = photometric_distortion(red, _ScriptedRng([0, 0, 0, 1, 90, 0], []))
+    assert out.tolist() == [[[255, 255, 0]]]
+
+
+@pytest.mark.cuda
+def test_full_size_step_and_slide_inference_on_cuda():
+    """The recipe's own model at 512 px: an fp16 training step and a sliding-window prediction on the GPU."""
+    r = SemanticFPNViT()
+    method = r.build_model().cuda()
+    opt = r.build_optimizer(method)
+    x, y = torch.randn(2, 3, 512, 512, device="cuda"), torch.randint(0, 150, (2, 512, 512), device="cuda")
+    scaler = torch.amp.GradScaler("cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss, logs = method(x, y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.isfinite(loss) and 0 <= logs["acc_seg"] <= 100
+    method.eval()
+    with torch.autocast("cuda", dtype=torch.float16):
+        logits = slide_inference(method.model, torch.randn(1, 3, 512, 683, device="cuda"), 512, r.stride)
+    assert logits.shape == (1, 150, 512, 683) and torch.isfinite(logits).all()

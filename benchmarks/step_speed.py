@@ -2,11 +2,11 @@
 
     python benchmarks/step_speed.py                      # CPU, batch 64, 224 px, fp32
     python benchmarks/step_speed.py --no-malloc-tuning   # leave glibc's allocator alone
-    python benchmarks/step_speed.py --device cuda
+    python benchmarks/step_speed.py --device cuda --amp-dtype bf16 --compile   # batch 512 on the GPU
 
-Prints img/s (median step), FLOPs per step (forward + backward, counted by FlopCounterMode), the fp32
-matmul peak measured in the same run, the achieved GFLOP/s and its share of that peak, and writes all
-numbers to a JSON file (--out).
+Prints img/s (median step), FLOPs per step (forward + backward, counted by FlopCounterMode), the matmul
+peak measured in the same run and the same dtype (fp32, TF32 allowed on CUDA; bf16; fp16), the achieved
+GFLOP/s and its share of that peak, and writes all numbers to a JSON file (--out).
 """
 from __future__ import annotations
 
@@ -86,10 +86,13 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def matmul_peak(device: torch.device, n: int, runs: int = 20) -> float:
-    """GFLOP/s of an n x n x n fp32 matmul: median of `runs` timed calls after two warm-up calls."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul_peak(device: torch.device, n: int, runs: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of an n x n x n matmul in `dtype`: median of `runs` timed calls after two warm-up calls."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
     t = statistics.median(timed(lambda: torch.mm(a, b, out=out), device) for _ in range(runs))
@@ -106,7 +109,9 @@ def build(args, device: torch.device):
     else:
         model = timm.create_model("mae_vit_tiny_patch16", img_size=args.img_size, norm_pix_loss=True).to(device)
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95))
+    # fused AdamW on CUDA (what the training loop uses there); the default (foreach) elsewhere
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95), **fused)
     imgs = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     return model, opt, imgs
 
@@ -121,80 +126,125 @@ def count_flops(model, imgs, mask_ratio: float) -> tuple[int, dict[str, int]]:
     return counter.get_total_flops(), per_op
 
 
-def time_steps(model, opt, imgs, args, device: torch.device) -> list[float]:
+def make_step(model, opt, imgs, args, device: torch.device):
+    """One training step as the loop runs it: autocast in --amp-dtype (fp16 with a GradScaler), fp32 otherwise."""
+    amp = args.amp_dtype != "fp32"
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp_dtype == "fp16")
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = model(imgs, args.mask_ratio)[0]
-        loss.backward()
-        opt.step()
+        with torch.autocast(device.type, dtype=DTYPES[args.amp_dtype], enabled=amp):
+            loss = model(imgs, args.mask_ratio)[0]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
+    return step
+
+
+def time_steps(step, args, device: torch.device) -> list[float]:
+    """Seconds per step. On CUDA, events around each step and one synchronisation at the end, so that the host
+    queues the next step while the GPU runs this one (as in training); on the CPU, the wall clock."""
     for _ in range(args.warmup):
         step()
-    return [timed(step, device) for _ in range(args.steps)]
+    if device.type != "cuda":
+        return [timed(step, device) for _ in range(args.steps)]
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+    sync(device)
+    events[0].record()
+    for e in events[1:]:
+        step()
+        e.record()
+    sync(device)
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=10, help="timed steps (median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="images per step (default 64 on the CPU, 512 on CUDA)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--threads", type=int, default=available_cores(), help="torch intra-op threads (default: all cores)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 fp32 matmul used for the peak")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    p.add_argument("--amp-dtype", choices=sorted(DTYPES), default="fp32",
+                   help="autocast dtype: bf16, fp16 (with a GradScaler) or fp32 (no autocast; TF32 matmuls on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (the first step compiles, untimed)")
+    p.add_argument("--peak-size", type=int, default=None, help="n of the n^3 matmul used for the peak "
+                                                                "(default 2048 on the CPU, 8192 on CUDA)")
     p.add_argument("--no-malloc-tuning", action="store_true", help="do not call mae_lite.engine.perf.tune_allocator()")
     p.add_argument("--impl", choices=["mae_lite", "reference"], default="mae_lite",
                    help="ours, or the original's formulation (conv on all patches, explicit attention)")
-    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/step_speed[_reference].json)")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/step_speed[_reference].json on "
+                                               "the CPU, step_speed_cuda_<dtype>_<eager|compiled>.json on CUDA)")
     args = p.parse_args()
-    args.out = args.out or f"benchmarks/results/step_speed{'_reference' if args.impl == 'reference' else ''}.json"
-
-    malloc_tuned = False if args.no_malloc_tuning else tune_allocator()  # before any large allocation
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.batch = args.batch or (512 if cuda else 64)
+    args.peak_size = args.peak_size or (8192 if cuda else 2048)
+    mode = "compiled" if args.compile else "eager"
+    default_out = (f"benchmarks/results/step_speed_cuda_{args.amp_dtype}_{mode}.json" if cuda else
+                   f"benchmarks/results/step_speed{'_reference' if args.impl == 'reference' else ''}.json")
+    args.out = args.out or default_out
+
+    # glibc heap tuning is a CPU-step setting (the training commands apply it on CPU runs only)
+    malloc_tuned = False if args.no_malloc_tuning or cuda else tune_allocator()  # before any large allocation
+    torch.set_num_threads(args.threads)
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as training on CUDA does
+    dtype = DTYPES[args.amp_dtype]
 
     # The VM is shared and noisy: measure the peak before and after the steps and keep the higher one.
-    peaks = [matmul_peak(device, args.peak_size)]
+    peaks = [matmul_peak(device, args.peak_size, dtype=dtype)]
     model, opt, imgs = build(args, device)
-    flops, flops_by_op = count_flops(model, imgs, args.mask_ratio)
+    flops, flops_by_op = count_flops(model, imgs, args.mask_ratio)  # eager, fp32: the same count in any dtype
+    net = torch.compile(model) if args.compile else model
+    step = make_step(net, opt, imgs, args, device)
+    compile_s = timed(step, device) if args.compile else None  # first call compiles (forward and backward)
     before = cpu_snapshot()
-    times = time_steps(model, opt, imgs, args, device)
+    times = time_steps(step, args, device)
     others = other_cores_busy(before, cpu_snapshot())
-    peaks.append(matmul_peak(device, args.peak_size))
+    peaks.append(matmul_peak(device, args.peak_size, dtype=dtype))
     peak = max(peaks)
 
     t = statistics.median(times)
     achieved = flops / t / 1e9
     result = {
         "model": "mae_vit_tiny_patch16", "impl": args.impl, "batch": args.batch, "img_size": args.img_size,
-        "mask_ratio": args.mask_ratio, "dtype": "float32", "device": str(device),
+        "mask_ratio": args.mask_ratio, "dtype": "float32" if args.amp_dtype == "fp32" else args.amp_dtype,
+        "amp_dtype": args.amp_dtype, "compiled": args.compile, "compile_s": compile_s, "device": str(device),
+        "tf32": cuda and args.amp_dtype == "fp32", "fused_adamw": cuda,
         "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
         "malloc_tuning_applied": malloc_tuned,
         "img_per_s": args.batch / t, "step_s_median": t, "step_s_all": times,
         "flops_per_step": flops, "flops_by_op": flops_by_op,
         "matmul_peak_gflops": peak, "matmul_peak_before_after": peaks, "matmul_peak_shape": [args.peak_size] * 3,
+        "matmul_peak_dtype": args.amp_dtype,
         "achieved_gflops": achieved, "share_of_matmul_bound": achieved / peak,
         "reference_original": REFERENCE_ORIGINAL,
         "other_processes_cores_busy": others,
         "torch": torch.__version__, "timm": timm.__version__, "mae_lite": mae_lite.__version__,
         "cpu_model": cpu_model(),
-        "gpu_model": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "gpu_model": torch.cuda.get_device_name(device) if cuda else None,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 
     ref = REFERENCE_ORIGINAL
-    print(f"MAE-Tiny step ({args.impl}), batch {args.batch}, {args.img_size} px, fp32, {device}, {result['threads']} threads, "
-          f"malloc tuning {'on' if malloc_tuned else 'off'}")
+    print(f"MAE-Tiny step ({args.impl}), batch {args.batch}, {args.img_size} px, {args.amp_dtype}, {mode}, {device}, "
+          f"{result['threads']} threads, malloc tuning {'on' if malloc_tuned else 'off'}")
     print(f"  img/s                  {result['img_per_s']:8.1f}   (median of {args.steps} steps, "
           f"{t * 1e3:.0f} ms; min {min(times) * 1e3:.0f}, max {max(times) * 1e3:.0f})")
     print(f"  FLOPs per step         {flops / 1e9:8.1f} G (forward + backward)")
-    print(f"  matmul peak            {peak:8.1f} GFLOP/s ({args.peak_size}^3 fp32; before {peaks[0]:.0f}, "
-          f"after {peaks[1]:.0f})")
+    print(f"  matmul peak            {peak:8.1f} GFLOP/s ({args.peak_size}^3 {args.amp_dtype}"
+          f"{' (TF32)' if result['tf32'] else ''}; before {peaks[0]:.0f}, after {peaks[1]:.0f})")
+    if compile_s is not None:
+        print(f"  compile (first step)   {compile_s:8.1f} s")
     print(f"  achieved               {achieved:8.1f} GFLOP/s")
     print(f"  share of matmul bound  {achieved / peak:8.1%}")
-    print(f"  reference (original)   {ref['img_per_s']:8.1f} img/s, {ref['share_of_matmul_bound']:.0%} of the bound "
-          f"(on a host with a ~{ref['implied_matmul_peak_gflops']:.0f} GFLOP/s peak)")
+    if not cuda:  # the original was timed on a CPU host only
+        print(f"  reference (original)   {ref['img_per_s']:8.1f} img/s, {ref['share_of_matmul_bound']:.0%} of the bound "
+              f"(on a host with a ~{ref['implied_matmul_peak_gflops']:.0f} GFLOP/s peak)")
     if others is not None and others > 0.1:
         print(f"  note: other processes kept {others:.2f} cores busy on average during the timed steps")
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mae_lite.cli.analysis_common import load_model
 from mae_lite.cli.train import main as ssl_train
 from mae_lite.engine.checkpoint import load_checkpoint
 from mae_lite.methods.distill_d2 import MAEDistillD2
@@ -152,3 +153,5 @@ def test_cli_run_and_finetuning_loads_12_blocks_skipping_the_13th(tmp_path):
         assert "blocks not in this network: blocks.12" in summary and "loaded 148 tensors" in summary, summary
         for i in (0, 11):
             assert torch.equal(method.model.blocks[i].attn.qkv.weight, keys[f"model.blocks.{i}.attn.qkv.weight"])
+        net, line = load_model(ft, str(path), torch.device("cpu"))  # the analysis commands' loader
+        assert "blocks not in this network: blocks.12" in line and len(net.blocks) == 12

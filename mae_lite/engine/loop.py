@@ -1,32 +1,41 @@
-"""The one training loop: every method (a network wrapped to return `(loss, logs)`) trains here."""
+"""The one training loop: every method (a network wrapped to return `(loss, logs)`) trains here.
+
+Reading order: `train` -> `setup` (data, model, optimiser, resume) -> `train_epoch` (the per-step hot path:
+fetch accum_iter micro-batches, `Stepper.step`, nothing read back) -> `_sync` every few steps (one all-reduce of
+the losses and the stop flags: non-finite check, log line, mid-epoch checkpoint) -> `end_of_epoch` (engine/
+epoch_end.py: evaluate, checkpoint, visuals).
+"""
 from __future__ import annotations
 
 import math
 import os
-import random
 import signal
 import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..errors import NonFiniteLoss, Stopped, UserError
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .compute import Compute, flop_counter
-from .dist import DistEnv, all_reduce_mean, barrier
+from .dist import DistEnv, barrier, rank_agreement
+from .epoch_end import _warn_slow_loader, checkpoint_state, end_of_epoch, visual_batch  # noqa: F401 (re-export)
 from .evaluate import eval_loader
+from .loader import make_loader
 from .log import LOGGER, close_logging, setup_logging
+from .rng import local_rng_state, restore_rng_state, seed_everything
+from .step import (Stepper, StepTimer, check_accum, choose_precision, compile_network, eager_keys, global_settings,
+                   make_ema)
 
 CKPT_NAME = "last_epoch_ckpt.pth.tar"
-BEST_NAME = "last_epoch_best_ckpt.pth.tar"
+STOP_CHECK_SECONDS = 5.0  # read the stop flags at least this often (agreed step count), so a stop fits torchrun's 30 s
 
 
 @dataclass
@@ -40,27 +49,11 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation (recipe.evaluate)
     compute: dict[str, Any] = field(default_factory=dict)  # FLOPs, images, device-hours (engine/compute.py)
     seconds: float = 0.0
-
-
-def seed_everything(seed: Optional[int], rank: int) -> None:
-    if seed is None:
-        return
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+    metrics_ema: dict[str, float] = field(default_factory=dict)  # the last evaluation of the EMA (model_ema=True)
 
 
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def make_loader(dataset, batch: int, env: DistEnv, workers: int, train: bool, collate_fn=None) -> DataLoader:
-    """Workers are not persistent: fresh ones each epoch draw their seeds from the main random stream,
-    which --resume restores, so a resumed run sees the same crops as an uninterrupted one."""
-    sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=train, drop_last=train) if env.distributed else None
-    return DataLoader(dataset, batch_size=batch, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=env.device.type == "cuda", drop_last=train,
-                      persistent_workers=False, collate_fn=collate_fn)
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -84,22 +77,81 @@ def _fmt_time(seconds: float) -> str:
     return (f"{d}d " if d else "") + f"{rem // 3600:02d}:{rem % 3600 // 60:02d}:{rem % 60:02d}"
 
 
+@dataclass
+class Run:
+    """Everything `setup` builds, and the counters the epochs carry."""
+    recipe: Any
+    env: DistEnv
+    out: Any
+    amp: bool
+    loader: Any
+    val_loader: Any
+    iters: int  # optimizer steps per epoch
+    micro: int  # images per micro-batch and process
+    workers: int
+    method: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    precision: Any
+    ema: Any
+    stepper: Stepper
+    compute: Compute
+    stopper: "StopSignals"
+    result: RunResult
+    ckpt_file: Any
+    start_epoch: int = 0
+    skip: int = 0  # optimizer steps of start_epoch done before the checkpoint (mid-epoch resume)
+    mid_epoch_rng: tuple = (None, None)
+    best: dict = field(default_factory=dict)
+    data_report: dict = field(default_factory=dict)
+    tb: Any = None
+    vis_images: Any = None
+    epoch_rng: Any = None
+    epoch_wait: dict = field(default_factory=dict)
+    check_every: int = 1  # steps between reads of the flags (agreed by all ranks at every read)
+    step_seconds: float = 0.0  # this rank's seconds per step in the last window (0: not measured yet)
+    shown: dict = field(default_factory=dict)  # steps, seconds, data wait since the last log line
+    steps_run: int = 0
+    t_train: float = 0.0
+
+
 def train(recipe, env: DistEnv, *, resume: Optional[str] = None, init_ckpt: Optional[str] = None,
           amp: bool = False, resume_requested: bool = False) -> RunResult:
     """Train `recipe` in this process (one rank of `env`). `resume_requested` with `resume=None` means `--resume`."""
     t_start = time.time()
-    out = recipe.output_path
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(env)
+    out = _output_dir(recipe, env)
     log_path = setup_logging(out, env.rank)
     try:
-        return _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, log_path)
+        with global_settings(recipe, env, amp):
+            run = setup(recipe, env, out, resume, init_ckpt, amp, resume_requested, log_path)
+            try:
+                for epoch in range(run.start_epoch, recipe.max_epoch):
+                    stop_now, save_now = train_epoch(run, epoch)
+                    end_of_epoch(run, epoch, stop_now, save_now)
+            finally:
+                run.stopper.close()
+                if run.tb:
+                    run.tb.close()
+            return _finish(run, t_start)
     finally:
         close_logging()
 
 
-def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, log_path) -> RunResult:
+def _output_dir(recipe, env: DistEnv):
+    out = recipe.output_path
+    with rank_agreement(env, "output directory"):
+        if env.is_main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create the output directory {out}: {e.strerror or e}; set output_dir= "
+                                "to a writable folder (on several nodes: one every node can reach)") from None
+    barrier(env)
+    return out
+
+
+# ----- setup ---------------------------------------------------------------------------------------------
+def setup(recipe, env, out, resume, init_ckpt, amp, resume_requested, log_path) -> Run:
     LOGGER.info("mae-lite %s | torch %s | device %s | world size %d | log %s", _version(), torch.__version__,
                 env.device, env.world_size, log_path)
     LOGGER.info("%s", recipe.config_table())
@@ -107,256 +159,286 @@ def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, 
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))  # processes sharing this machine
     if env.device.type == "cpu" and local_procs > 1:
         torch.set_num_threads(max(1, cpu_cores() // local_procs))
-
-    # ----- data ----------------------------------------------------------------------------------
-    if recipe.batch_size % env.world_size:
-        raise UserError(f"-b {recipe.batch_size} is not divisible by the {env.world_size} processes; "
-                        f"use a multiple of {env.world_size}")
-    per_proc = recipe.batch_size // env.world_size
-    datasets = recipe.build_datasets()
-    train_ds = datasets["train"]
-    if len(train_ds) < recipe.batch_size:
-        raise UserError(f"the training set has {len(train_ds)} images, fewer than one batch (-b {recipe.batch_size}); "
-                        "lower -b")
-    workers = min(recipe.num_workers, cpu_cores() // local_procs)
-    collate = recipe.collate_fn()
-    loader = make_loader(train_ds, per_proc, env, workers, train=True, collate_fn=collate)
-    iters = len(loader)
-    val_loader = (eval_loader(datasets["eval"], per_proc, env, workers, collate_fn=collate)
-                  if datasets.get("eval") is not None else None)
-
-    # ----- model, optimiser, schedule, precision ------------------------------------------------
-    model = recipe.build_model().to(env.device)
-    optimizer = recipe.build_optimizer(model)
+    train_ds, loader, val_loader, micro, workers = _setup_data(recipe, env, local_procs)
+    iters = len(loader) // recipe.accum_iter
+    if iters < 1:
+        raise UserError(f"one epoch holds {len(loader)} micro-batches, fewer than accum_iter={recipe.accum_iter}; "
+                        "lower accum_iter or -b")
+    with rank_agreement(env, "model"):
+        method = recipe.build_model().to(env.device)  # may read a teacher checkpoint
+    optimizer = recipe.build_optimizer(method)
     schedule = recipe.build_schedule(optimizer, iters)
-    amp_dtype = torch.float16 if env.device.type == "cuda" else torch.bfloat16
-    if amp and env.device.type == "cpu":
-        LOGGER.info("--amp on CPU: bfloat16 autocast (no GradScaler); without AMX it is slower than fp32")
-    scaler = torch.amp.GradScaler(env.device.type, enabled=amp and env.device.type == "cuda")
-    primary = recipe.primary_metric
-    start_epoch, best = 0, {f"best_{primary}": 0.0, f"best_{primary}_epoch": -1}
-
-    ckpt_file = out / CKPT_NAME
-    resumed_compute, skip, mid_epoch_rng = None, 0, (None, None)
-    if resume_requested:
-        src = checkpoint_path(out, resume)
-        if not src.is_file():
-            raise UserError(f"--resume: no checkpoint at {src}; run without --resume to start, or give the file")
-        ckpt = load_checkpoint(src)
-        _check_arch(ckpt, recipe, src)
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise UserError(f"--resume: {src} does not match this recipe's model/optimizer "
-                            f"({str(e).splitlines()[0][:160]})") from None
-        schedule.load_state_dict(ckpt.get("scheduler", {}))
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["start_epoch"])
-        best = {k: v for k, v in ckpt.items() if k.startswith("best_")} or best
-        resumed_compute = ckpt.get("compute")
-        skip = int(ckpt.get("iteration", 0))
-        if skip:  # a mid-epoch checkpoint: replay the epoch's data order, then continue from the saved state
-            if ckpt.get("iters_per_epoch") != iters:
-                raise UserError(f"--resume: {src} was saved in the middle of an epoch of {ckpt.get('iters_per_epoch')} "
-                                f"iterations, but this run has {iters} per epoch; resume with the same -b, data and "
-                                "processes")
-            mid_epoch_rng = (ckpt.get("epoch_rng"), ckpt.get("rng"))
-        else:
-            restore_rng_state(ckpt.get("rng"), env)
-        LOGGER.info("resumed from %s at epoch %d%s", src, start_epoch,
-                    f", iteration {skip} of epoch {start_epoch + 1}" if skip else "")
-    else:
-        summary = recipe.load_initial_weights(model, init_ckpt)
-        if summary:
-            LOGGER.info("initial weights from %s", summary)
-    if env.distributed:
-        model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    method = unwrap(model)
-
-    vis_images = _visual_batch(recipe, train_ds) if env.is_main and hasattr(method, "save_visuals") else None
-    tb = None
+    precision = choose_precision(amp, recipe.amp_dtype, env.device)
+    run = Run(recipe, env, out, amp, loader, val_loader, iters, micro, workers, method, optimizer, schedule,
+              precision, None, None, Compute(), None, RunResult(), out / CKPT_NAME,
+              best={f"best_{recipe.primary_metric}": 0.0, f"best_{recipe.primary_metric}_epoch": -1})
+    with rank_agreement(env, "--resume/--ckpt"):
+        ema_state = _resume(run, resume) if resume_requested else _initial_weights(run, init_ckpt)
+    _wrap(run, ema_state)
+    run.vis_images = (visual_batch(recipe, train_ds, env.device)
+                      if env.is_main and hasattr(run.method, "save_visuals") else None)
     if env.is_main and recipe.enable_tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(out / f"tb_train-{time.strftime('%Y-%m-%d-%H-%M-%S')}"))
-
-    result = RunResult(epochs_done=start_epoch, checkpoint=str(ckpt_file) if ckpt_file.is_file() else None)
-    total_steps = iters * recipe.max_epoch
-    LOGGER.info("training %d epochs x %d iterations, %d images per step (%d per process), lr %.3g",
-                recipe.max_epoch - start_epoch, iters, recipe.batch_size, per_proc, recipe.scaled_lr)
+        run.tb = SummaryWriter(str(out / f"tb_train-{time.strftime('%Y-%m-%d-%H-%M-%S')}"))
+    run.result = RunResult(epochs_done=run.start_epoch, checkpoint=str(run.ckpt_file) if run.ckpt_file.is_file() else None)
+    run.compute.device = env.device.type
+    run.check_every = recipe.print_interval
+    LOGGER.info("training %d epochs x %d iterations, %d images per step (%d per process%s), lr %.3g, %s",
+                recipe.max_epoch - run.start_epoch, iters, recipe.batch_size, recipe.batch_size // env.world_size,
+                f" in {recipe.accum_iter} micro-batches of {micro}" if recipe.accum_iter > 1 else "",
+                recipe.scaled_lr, precision.name)
     if recipe.warmup_epochs > recipe.max_epoch:
         LOGGER.info("notice: warmup_epochs (%d) > max_epoch (%d): the learning rate only ramps up in this run",
-                       recipe.warmup_epochs, recipe.max_epoch)
-    compute = Compute.from_state(resumed_compute)
-    compute.device = env.device.type
-    stopper = StopSignals(recipe.ckpt_interval_minutes)
-    t_train = time.perf_counter()
-    steps_run = 0
+                    recipe.warmup_epochs, recipe.max_epoch)
+    run.stopper = StopSignals(recipe.ckpt_interval_minutes)
+    run.t_train = time.perf_counter()
+    return run
+
+
+def _setup_data(recipe, env, local_procs):
+    micro = check_accum(recipe.batch_size, env.world_size, recipe.accum_iter)
+    with rank_agreement(env, "datasets"):
+        datasets = recipe.build_datasets()
+        train_ds = datasets["train"]
+        if hasattr(train_ds, "__len__") and len(train_ds) < recipe.batch_size:
+            raise UserError(f"the training set has {len(train_ds)} images, fewer than one batch "
+                            f"(-b {recipe.batch_size}); lower -b")
+    workers = min(recipe.num_workers, cpu_cores() // local_procs)
+    collate = recipe.collate_fn()
+    loader = make_loader(train_ds, micro, env, workers, train=True, collate_fn=collate, seed=recipe.seed)
+    val_loader = (eval_loader(datasets["eval"], recipe.batch_size // env.world_size, env, workers, collate_fn=collate)
+                  if datasets.get("eval") is not None else None)
+    return train_ds, loader, val_loader, micro, workers
+
+
+def _initial_weights(run: Run, init_ckpt: Optional[str]) -> None:
+    summary = run.recipe.load_initial_weights(run.method, init_ckpt)
+    if summary:
+        LOGGER.info("initial weights from %s", summary)
+
+
+def _resume(run: Run, resume: Optional[str]) -> Optional[dict]:
+    """Load --resume's checkpoint into the run; return its EMA weights (None: none saved)."""
+    src = checkpoint_path(run.out, resume)
+    if not src.is_file():
+        raise UserError(f"--resume: no checkpoint at {src}; run without --resume to start, or give the file")
+    ckpt = load_checkpoint(src)
+    _check_arch(ckpt, run.recipe, src)
     try:
-        for epoch in range(start_epoch, recipe.max_epoch):
-            if isinstance(loader.sampler, DistributedSampler):
-                loader.sampler.set_epoch(epoch)
-            model.train()
-            bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{recipe.max_epoch}", disable=not env.is_main,
-                       dynamic_ncols=True, leave=False)
-            win = {"data": 0.0, "total": 0.0, "n": 0}
-            epoch_wait = {"data": 0.0, "total": 0.0}
-            if skip:
-                restore_rng_state(mid_epoch_rng[0], env)  # the state this epoch's data order was drawn from
-                LOGGER.info("replaying the data order of epoch %d: skipping its first %d batches", epoch + 1, skip)
-                bar.update(skip)
-            epoch_rng = local_rng_state(env)
-            t_prev = time.perf_counter()
-            for it, batch in enumerate(loader):
-                if it < skip:  # trained on before the checkpoint: loaded, so that every random stream advances
-                    if it == skip - 1:  # as it did, but not used; then the saved state takes over
-                        restore_rng_state(mid_epoch_rng[1], env)
-                        skip, t_prev = 0, time.perf_counter()
-                    continue
-                t_data = time.perf_counter()
-                step = epoch * iters + it
-                schedule.step(step)
-                images, target = recipe.device_batch(batch, env.device)
-                if hasattr(method, "set_progress"):  # methods with per-step schedules of their own (MoCo momentum)
-                    method.set_progress(step, total_steps)
-                with ExitStack() as counting:  # the run's first step also counts its FLOPs
-                    counter = counting.enter_context(flop_counter()) if compute.flops_per_image is None else None
-                    with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp):
-                        loss, logs = model(images, target)
-                    loss_avg, stop_now, save_now = _sync_step(loss, stopper, env)
-                    if not math.isfinite(loss_avg.item()):
-                        raise NonFiniteLoss(
-                            f"loss is {loss_avg.item()} at epoch {epoch + 1}, iteration {it}: training stopped; "
-                            f"the last checkpoint ({result.checkpoint or 'none written yet'}) is intact. Lower lr, "
-                            "set clip_grad=1.0 or drop --amp, then continue with --resume")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                if counter is not None:
-                    compute.flops_per_image = counter.get_total_flops() / per_proc
-                if recipe.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    if recipe.clip_mode == "value":
-                        torch.nn.utils.clip_grad_value_(model.parameters(), recipe.clip_grad)
-                    else:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize(env.device)
-                t_now = time.perf_counter()
-                win["data"] += t_data - t_prev
-                win["total"] += t_now - t_prev
-                win["n"] += 1
-                compute.add(recipe.batch_size, t_now - t_prev, env.world_size)
-                if it > 0:  # the first batch waits for the workers to start, whatever their speed
-                    epoch_wait["data"] += t_data - t_prev
-                    epoch_wait["total"] += t_now - t_prev
-                t_prev = t_now
-                steps_run += 1
-                result.last_loss = loss_avg.item()
-                bar.update(1)
-                if (it + 1) % recipe.print_interval == 0 or it + 1 == iters:
-                    imgs = recipe.batch_size * win["n"] / max(win["total"], 1e-9)
-                    share = win["data"] / max(win["total"], 1e-9)
-                    lr = max(schedule.lrs())
-                    eta = (time.perf_counter() - t_train) / steps_run * (total_steps - step - 1)
-                    extras = {k: all_reduce_mean(v.detach().float(), env).item() if torch.is_tensor(v) else float(v)
-                              for k, v in logs.items()}
-                    bar.set_postfix(loss=f"{result.last_loss:.4f}", img_s=f"{imgs:.0f}", lr=f"{lr:.2e}")
-                    LOGGER.info("[%d/%d] it %d/%d | loss %.4f | lr %.3e | %.1f img/s | data wait %.0f%% | eta %s%s",
-                                epoch + 1, recipe.max_epoch, it + 1, iters, result.last_loss, lr, imgs, 100 * share,
-                                _fmt_time(eta), "".join(f" | {k} {v:.4f}" for k, v in extras.items()))
-                    if tb:
-                        tb.add_scalar("train/loss", result.last_loss, step)
-                        tb.add_scalar("train/lr", lr, step)
-                        tb.add_scalar("train/img_per_s", imgs, step)
-                        tb.add_scalar("train/data_wait_share", share, step)
-                        tb.add_scalar("compute/pflop", compute.total_flops / 1e15, step)
-                        for k, v in extras.items():
-                            tb.add_scalar(f"train/{k}", v, step)
-                    win = {"data": 0.0, "total": 0.0, "n": 0}
-                if (stop_now or save_now) and it + 1 < iters:  # mid-epoch; at the epoch's end the normal save runs
-                    state = _state(env, epoch, it + 1, iters, epoch_rng, method, optimizer, schedule, scaler, best,
-                                   recipe, compute)
-                    if env.is_main:
-                        save_checkpoint(state, ckpt_file)
-                        result.checkpoint = str(ckpt_file)
-                        LOGGER.info("epoch %d, iteration %d: checkpoint %s", epoch + 1, it + 1, ckpt_file)
-                    stopper.saved()
-                    barrier(env)
-                    if stop_now:
-                        raise Stopped(stopper.message(epoch + 1, it + 1, ckpt_file))
-            bar.close()
-            _warn_slow_loader(epoch_wait, epoch + 1, workers)
-            data_report = recipe.data_report(env)  # e.g. skipped bad images; may stop the run
-            if data_report:
-                LOGGER.info("epoch %d: data %s", epoch + 1, data_report)
-            result.epochs_done = epoch + 1
-            last = epoch + 1 == recipe.max_epoch
-            is_best = False
-            if val_loader is not None and ((epoch + 1) % recipe.eval_interval == 0 or last):
-                metrics = recipe.evaluate(method, val_loader, env, amp)
-                value = metrics[primary]
-                is_best = best.get(f"best_{primary}_epoch", -1) < 0 or value > best[f"best_{primary}"]
-                if is_best:
-                    best = {**{f"best_{k}": v for k, v in metrics.items()}, f"best_{primary}_epoch": epoch + 1}
-                result.metrics = metrics
-                result.top1, result.top5 = metrics.get("top1"), metrics.get("top5")
-                shown = ", ".join(f"{_title(k)}: {v:.3f}" for k, v in metrics.items())
-                LOGGER.info("epoch %d: %s (best %s %.3f at epoch %d)", epoch + 1, shown, _title(primary),
-                            best[f"best_{primary}"], best[f"best_{primary}_epoch"])
-                if tb:
-                    for k, v in metrics.items():
-                        tb.add_scalar(f"Val/{_title(k)}", v, (epoch + 1) * iters)
-            stop_here = stop_now and not last  # a signal during the epoch's last iteration
-            save = is_best or (epoch + 1) % recipe.dump_interval == 0 or last or stop_here or save_now
-            if save:
-                state = _state(env, epoch + 1, 0, iters, None, method, optimizer, schedule, scaler, best, recipe,
-                               compute)  # collective: every rank takes part
-                stopper.saved()
-            if env.is_main and save:
-                save_checkpoint(state, ckpt_file)
-                result.checkpoint = str(ckpt_file)
-                LOGGER.info("epoch %d: checkpoint %s", epoch + 1, ckpt_file)
-                if is_best:
-                    save_checkpoint(state, out / BEST_NAME)
-                if vis_images is not None:
-                    png = method.save_visuals(vis_images.to(env.device), out / f"reconstruction_ep{epoch + 1:04d}.png",
-                                              recipe.mean, recipe.std)
-                    result.visuals.append(str(png))
-                    LOGGER.info("epoch %d: reconstructions %s", epoch + 1, png)
-            barrier(env)
-            if stop_here:
-                raise Stopped(stopper.message(epoch + 1, 0, ckpt_file))
-    finally:
-        stopper.close()
-        if tb:
-            tb.close()
+        run.method.load_state_dict(eager_keys(ckpt["model"]))
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"--resume: {src} does not match this recipe's model/optimizer "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    run.schedule.load_state_dict(ckpt.get("scheduler", {}))
+    if ckpt.get("scaler") and run.precision.scaler.is_enabled():
+        run.precision.scaler.load_state_dict(ckpt["scaler"])
+    run.start_epoch = int(ckpt["start_epoch"])
+    run.best = {k: v for k, v in ckpt.items() if k.startswith("best_")} or run.best
+    run.compute = Compute.from_state(ckpt.get("compute"))
+    run.data_report = ckpt.get("data") or {}
+    run.skip = int(ckpt.get("iteration", 0))
+    if run.skip:  # a mid-epoch checkpoint: replay the epoch's data order, then continue from the saved state
+        if ckpt.get("iters_per_epoch") != run.iters:
+            raise UserError(f"--resume: {src} was saved in the middle of an epoch of {ckpt.get('iters_per_epoch')} "
+                            f"iterations, but this run has {run.iters} per epoch; resume with the same -b, "
+                            "accum_iter, data and processes")
+        run.mid_epoch_rng = (ckpt.get("epoch_rng"), ckpt.get("rng"))
+    else:
+        restore_rng_state(ckpt.get("rng"), run.env)
+    LOGGER.info("resumed from %s at epoch %d%s", src, run.start_epoch,
+                f", iteration {run.skip} of epoch {run.start_epoch + 1}" if run.skip else "")
+    return ckpt.get("model_ema")
+
+
+def _wrap(run: Run, ema_state: Optional[dict]) -> None:
+    """EMA (of the loaded weights, or the checkpoint's), compile, DDP, and the step that uses them."""
+    recipe, env = run.recipe, run.env
+    run.ema = make_ema(recipe, run.method)
+    if run.ema is not None and ema_state:
+        run.ema.module.load_state_dict(eager_keys(ema_state))
+    elif run.ema is not None and run.start_epoch + run.skip > 0:
+        LOGGER.info("notice: the checkpoint has no EMA weights (model_ema was off): the EMA starts from its model")
+    if recipe.compile:
+        compile_network(run.method)
+    model = run.method
+    if env.distributed:
+        model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    run.stepper = Stepper(recipe, model, run.method, run.optimizer, run.schedule, run.precision, run.ema, env.device,
+                          run.iters * recipe.max_epoch)
+
+
+# ----- one epoch: the per-step hot path ------------------------------------------------------------------
+def train_epoch(run: Run, epoch: int) -> tuple[bool, bool]:
+    """The epoch's optimizer steps; returns the (stop, checkpoint-due) flags read after its last step."""
+    recipe, accum = run.recipe, run.recipe.accum_iter
+    run.stepper.model.train()
+    batches, first = _epoch_batches(run, epoch)
+    bar = tqdm(total=run.iters, initial=first, desc=f"epoch {epoch + 1}/{recipe.max_epoch}",
+               disable=not run.env.is_main, dynamic_ncols=True, leave=False)
+    run.epoch_wait = {"data": 0.0, "total": 0.0}
+    window, timer, flags = [], StepTimer(run.env.device), (False, False)
+    data_s, t_prev = 0.0, time.perf_counter()
+    with bar:  # closed on a stop or a non-finite loss too, so log lines never land inside a stale bar
+        for it in range(first, run.iters):
+            micro = list(islice(batches, accum))
+            t_data = time.perf_counter()
+            if len(micro) < accum:  # a loader shorter than it said
+                break
+            loss, logs = _step(run, micro, epoch * run.iters + it)
+            window.append(loss)
+            data_s += t_data - t_prev
+            t_now = time.perf_counter()
+            if it > first:  # the first batch waits for the workers to start, whatever their speed
+                run.epoch_wait["data"] += t_data - t_prev
+                run.epoch_wait["total"] += t_now - t_prev
+            t_prev = t_now
+            run.steps_run += 1
+            bar.update(1)
+            if _sync_due(run, it, len(window)):
+                flags = _sync(run, epoch, it, window, logs, timer, data_s, bar)
+                window, data_s = [], 0.0
+                timer.start()
+    return flags
+
+
+def _step(run: Run, micro: list, step: int):
+    if run.compute.flops_per_image is not None:
+        return run.stepper.step(micro, step)
+    with ExitStack() as counting:  # the run's first step also counts its FLOPs
+        counter = counting.enter_context(flop_counter())
+        out = run.stepper.step(micro, step)
+    run.compute.flops_per_image = counter.get_total_flops() / (run.micro * len(micro))
+    return out
+
+
+def _epoch_batches(run: Run, epoch: int):
+    """The loader's iterator for `epoch`, positioned after the done steps on a mid-epoch resume; and the first
+    step's index. The loader's epoch seed is drawn from the state the interrupted epoch started from."""
+    loader, skip = run.loader, run.skip
+    if skip:
+        restore_rng_state(run.mid_epoch_rng[0], run.env)  # the state this epoch's data order was drawn from
+    run.epoch_rng = local_rng_state(run.env)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    if not skip:
+        return iter(loader), 0
+    done = skip * run.recipe.accum_iter
+    LOGGER.info("replaying the data order of epoch %d: skipping its first %d batches", epoch + 1, done)
+    if hasattr(loader, "set_start"):
+        loader.set_start(done)
+        batches = iter(loader)
+    else:  # a loader that cannot start mid-epoch: load the done batches and drop them
+        batches = iter(loader)
+        for _ in islice(batches, done):
+            pass
+    restore_rng_state(run.mid_epoch_rng[1], run.env)  # then the saved state takes over
+    run.skip = 0
+    return batches, skip
+
+
+# ----- every few steps: one read of the device ------------------------------------------------------------
+def _sync_due(run: Run, it: int, steps_in_window: int) -> bool:
+    return ((it + 1) % run.recipe.print_interval == 0 or it + 1 == run.iters
+            or steps_in_window >= run.check_every)
+
+
+def _sync(run: Run, epoch: int, it: int, window: list, logs: dict, timer: StepTimer, data_s: float, bar) -> tuple:
+    """Read the window's losses, the last step's logs and every rank's stop flags in one all-reduce; stop on a
+    non-finite loss before anything is saved; log when a print is due; write a mid-epoch checkpoint when a
+    signal or ckpt_interval_minutes asks. Identical decisions on every rank (they see the same reduced values)."""
+    recipe, env, n = run.recipe, run.env, len(window)
+    keys = [k for k, v in logs.items() if torch.is_tensor(v)]
+    timer.stop()
+    values = torch.cat([torch.stack(window).reshape(n), *(logs[k].detach().float().reshape(1) for k in keys),
+                        torch.tensor([run.step_seconds], device=window[0].device)])
+    reduced, stop, save = _sync_step(values, run.stopper, env)
+    seconds = timer.seconds()
+    run.step_seconds = seconds / n
+    _check_finite(run, reduced[:n], epoch, it - n + 1)
+    run.result.last_loss = reduced[n - 1]
+    if reduced[-1] > 0:  # every rank's mean step time: the same next read on every rank
+        run.check_every = max(1, min(recipe.print_interval, int(STOP_CHECK_SECONDS / reduced[-1])))
+    run.compute.add(recipe.batch_size * n, seconds, env.world_size)
+    shown = run.shown = {k: run.shown.get(k, 0) + v for k, v in (("n", n), ("s", seconds), ("data", data_s))}
+    if (it + 1) % recipe.print_interval == 0 or it + 1 == run.iters:
+        extras = {k: reduced[n + i] for i, k in enumerate(keys)}
+        extras.update({k: float(v) for k, v in logs.items() if not torch.is_tensor(v)})
+        _log_progress(run, epoch, it, shown, extras, bar)
+        run.shown = {}
+    if (stop or save) and it + 1 < run.iters:  # mid-epoch; at the epoch's end the normal save runs
+        _mid_epoch_checkpoint(run, epoch, it, stop)
+    return stop, save
+
+
+def _sync_step(values: torch.Tensor, stopper: "StopSignals", env: DistEnv) -> tuple[list[float], bool, bool]:
+    """`values` (losses, logs, seconds per step) as means over the processes, and whether any process was asked to
+    stop / has a checkpoint due: one all-reduce and one read of the device."""
+    flags = torch.tensor([float(stopper.received is not None), float(stopper.save_due)], device=values.device)
+    vec = torch.cat([values.float(), flags])
+    if env.distributed:
+        torch.distributed.all_reduce(vec)
+    host = vec.tolist()
+    k = len(values)
+    return [v / env.world_size for v in host[:k]], host[k] > 0, host[k + 1] > 0
+
+
+def _check_finite(run: Run, losses: list[float], epoch: int, first_it: int) -> None:
+    for i, v in enumerate(losses):
+        if not math.isfinite(v):
+            raise NonFiniteLoss(
+                f"loss is {v} at epoch {epoch + 1}, iteration {first_it + i}: training stopped; the last checkpoint "
+                f"({run.result.checkpoint or 'none written yet'}) is intact. Lower lr, set clip_grad=1.0 or drop "
+                "--amp, then continue with --resume")
+
+
+def _log_progress(run: Run, epoch: int, it: int, shown: dict, extras: dict, bar) -> None:
+    recipe = run.recipe
+    step = epoch * run.iters + it
+    imgs = recipe.batch_size * shown["n"] / max(shown["s"], 1e-9)
+    share = min(1.0, shown["data"] / max(shown["s"], 1e-9))
+    lr = max(run.schedule.lrs())
+    eta = (time.perf_counter() - run.t_train) / max(run.steps_run, 1) * (run.iters * recipe.max_epoch - step - 1)
+    loss = run.result.last_loss
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{imgs:.0f}", lr=f"{lr:.2e}")
+    LOGGER.info("[%d/%d] it %d/%d | loss %.4f | lr %.3e | %.1f img/s | data wait %.0f%% | eta %s%s",
+                epoch + 1, recipe.max_epoch, it + 1, run.iters, loss, lr, imgs, 100 * share, _fmt_time(eta),
+                "".join(f" | {k} {v:.4f}" for k, v in extras.items()))
+    if run.tb:
+        for name, value in (("train/loss", loss), ("train/lr", lr), ("train/img_per_s", imgs),
+                            ("train/data_wait_share", share), ("compute/pflop", run.compute.total_flops / 1e15)):
+            run.tb.add_scalar(name, value, step)
+        for k, v in extras.items():
+            run.tb.add_scalar(f"train/{k}", v, step)
+
+
+def _mid_epoch_checkpoint(run: Run, epoch: int, it: int, stop: bool) -> None:
+    state = checkpoint_state(run, epoch, it + 1, run.epoch_rng)
+    if run.env.is_main:
+        save_checkpoint(state, run.ckpt_file)
+        run.result.checkpoint = str(run.ckpt_file)
+        LOGGER.info("epoch %d, iteration %d: checkpoint %s", epoch + 1, it + 1, run.ckpt_file)
+    run.stopper.saved()
+    barrier(run.env)
+    if stop:
+        raise Stopped(run.stopper.message(epoch + 1, it + 1, run.ckpt_file))
+
+
+def _finish(run: Run, t_start: float) -> RunResult:
+    result = run.result
     result.seconds = time.time() - t_start
-    result.compute = compute.state_dict()
-    LOGGER.info("compute: %s", compute.summary())
+    result.compute = run.compute.state_dict()
+    LOGGER.info("compute: %s", run.compute.summary())
     LOGGER.info("done: %d epochs, last loss %.4f, %s, checkpoint %s", result.epochs_done, result.last_loss,
                 _fmt_time(result.seconds), result.checkpoint)
     return result
 
 
-SLOW_LOADER_SHARE = 0.3
-
-
-def _warn_slow_loader(wait: dict[str, float], epoch: int, workers: int) -> None:
-    """Say so when waiting for data took a large share of an epoch's steps: the GPUs (or cores) sat idle."""
-    share = wait["data"] / wait["total"] if wait["total"] > 0 else 0.0
-    if share > SLOW_LOADER_SHARE:
-        LOGGER.info("notice: epoch %d spent %.0f%% of its step time waiting for data (%d loader workers per process): "
-                    "raise num_workers if cores are free, keep the data on a local disk, or pre-resize the images",
-                    epoch, 100 * share, workers)
-
-
 class StopSignals:
-    """SIGTERM / SIGUSR1 (what schedulers send before preempting a job) and SIGINT ask the run to stop after
-    the current step with a checkpoint; `interval_minutes` asks for a checkpoint that often, mid-epoch too.
+    """SIGTERM / SIGUSR1 (what schedulers send before preempting a job) and SIGINT ask the run to stop with a
+    checkpoint at the next read of the flags (every print_interval steps, or sooner when steps are slow: at most
+    about STOP_CHECK_SECONDS apart); `interval_minutes` asks for a checkpoint that often, mid-epoch too.
     Handlers are installed only in the main thread and put back on `close()`."""
 
     SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
@@ -393,88 +475,11 @@ class StopSignals:
         self.previous = {}
 
 
-def _sync_step(loss: torch.Tensor, stopper: StopSignals, env: DistEnv) -> tuple[torch.Tensor, bool, bool]:
-    """The mean loss over processes, and whether any process was asked to stop / has a checkpoint due: one
-    all-reduce, so every rank takes the same decision at the same step."""
-    local = [float(stopper.received is not None), float(stopper.save_due)]
-    vec = torch.cat([loss.detach().float().reshape(1), torch.tensor(local, device=loss.device)])
-    if env.distributed:
-        torch.distributed.all_reduce(vec)
-        vec[0] /= env.world_size
-    return vec[0], bool(vec[1] > 0), bool(vec[2] > 0)
-
-
-def _state(env: DistEnv, start_epoch: int, iteration: int, iters: int, epoch_rng, method, optimizer, schedule, scaler,
-           best: dict, recipe, compute: Compute) -> Optional[dict[str, Any]]:
-    """The checkpoint (the original's keys plus ours) on the main process, None on the others. `iteration` > 0
-    marks a mid-epoch checkpoint: that many iterations of epoch `start_epoch` are done, and `epoch_rng` holds
-    the random state its data order came from. Collective (random states of every rank): every rank calls it."""
-    rng = gather_rng_states(env)
-    extra = {"epoch_rng": gather_rng_states(env, epoch_rng)} if iteration else {}
-    if not env.is_main:
-        return None
-    return {"rng": rng, "start_epoch": start_epoch, "iteration": iteration, "iters_per_epoch": iters,
-            "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-            "scaler": scaler.state_dict(), **best, "arch": recipe.arch_record(), "recipe": recipe.name,
-            "config": recipe.to_dict(), "compute": compute.state_dict(), **extra}
-
-
-def local_rng_state(env: DistEnv) -> dict[str, Any]:
-    own = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if env.device.type == "cuda":
-        own["cuda"] = torch.cuda.get_rng_state(env.device)
-    return own
-
-
-def gather_rng_states(env: DistEnv, own: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-    """Every rank's random state (torch, CUDA, Python; this moment's unless `own` is given), so a resumed run
-    continues the same random streams."""
-    own = own if own is not None else local_rng_state(env)
-    if not env.distributed:
-        return [own]
-    states: list[Any] = [None] * env.world_size
-    torch.distributed.all_gather_object(states, own)
-    return states
-
-
-def restore_rng_state(states: Optional[list[dict[str, Any]]], env: DistEnv) -> None:
-    if not states or len(states) != env.world_size:
-        return  # another world size: keep the fresh seeds
-    own = states[env.rank]
-    torch.set_rng_state(own["torch"])
-    random.setstate(_as_tuple(own["python"]))
-    if "cuda" in own and env.device.type == "cuda":
-        torch.cuda.set_rng_state(own["cuda"], env.device)
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _visual_batch(recipe, dataset) -> Optional[torch.Tensor]:
-    """A fixed set of images (same crops every time) to draw reconstructions of."""
-    n = min(getattr(recipe, "vis_images", 0), len(dataset))
-    if n <= 0:
-        return None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        random_state = random.getstate()
-        random.seed(0)
-        images = torch.stack([dataset[i][0] for i in range(n)])
-        random.setstate(random_state)
-    return images
-
-
 def _check_arch(ckpt: dict[str, Any], recipe, src) -> None:
     saved, now = ckpt.get("arch"), recipe.arch_record()
     if saved and now and saved != now:
         raise UserError(f"--resume: {src} was written for {saved}, but this run builds {now}; "
                         "use the same encoder_arch and model options, or another exp_name")
-
-
-def _title(metric: str) -> str:
-    """`top1` -> `Top1` (the original's log spelling); other metric names as they are."""
-    return metric[0].upper() + metric[1:] if metric.startswith("top") else metric
 
 
 def _version() -> str:

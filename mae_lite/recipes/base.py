@@ -67,6 +67,13 @@ class Recipe:
     # checkpoints: every dump_interval epochs and at the end; also every N minutes mid-epoch (None: off).
     # SIGTERM/SIGUSR1/Ctrl-C always stop after the current step with a checkpoint that --resume continues.
     ckpt_interval_minutes: Optional[float] = None
+    # training loop (docs/training.md)
+    accum_iter: int = 1  # micro-batches per optimizer step; -b stays the effective batch
+    model_ema: bool = False  # keep timm's ModelEmaV3 of the weights, evaluated and saved as `model_ema`
+    model_ema_decay: float = 0.9998
+    amp_dtype: Optional[str] = None  # with --amp: "bf16" or "fp16"; None: bf16 where the device has it
+    compile: bool = False  # torch.compile the method's network
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on CUDA too)
     # initial weights (ssl_train --ckpt)
     weights_prefix: str = "model"
     weights_ema: bool = False  # --ema: take the checkpoint's EMA weights (`model_ema`) instead of `model`
@@ -128,6 +135,12 @@ class Recipe:
                 raise UserError(f"option '{key}' must be >= 0, got {getattr(self, key)}")
         if self.clip_mode not in ("norm", "value"):
             raise UserError(f"option 'clip_mode' must be 'norm' or 'value', got {self.clip_mode!r}")
+        if self.accum_iter < 1:
+            raise UserError(f"option 'accum_iter' must be >= 1, got {self.accum_iter}")
+        if not 0.0 < self.model_ema_decay < 1.0:
+            raise UserError(f"option 'model_ema_decay' must be between 0 and 1 (e.g. 0.9998), got {self.model_ema_decay}")
+        if self.amp_dtype not in (None, "bf16", "fp16"):
+            raise UserError(f"option 'amp_dtype' must be 'bf16', 'fp16' or None (the device's best), got {self.amp_dtype!r}")
         if self.opt.lower() not in self.optimizers:
             raise UserError(f"option 'opt' must be {' or '.join(repr(o) for o in self.optimizers)}, got {self.opt!r}")
 

@@ -473,7 +473,7 @@ def test_sweep_stopped_by_a_signal_records_the_point_and_resumes_it(tmp_path, mo
     write_cifar10(tmp_path / "data")
     argv = ["-d", "cpu", "-b", "4", "-e", "1", "--lr", "0.01", "0.1", "--layer-decay", "0.75", "--exp-options",
             "pretrain_exp_name=scratch/p", "dataset=CIFAR10", f"data_root={tmp_path / 'data'}", f"output_dir={tmp_path}",
-            "warmup_epochs=0", *TINY]
+            "warmup_epochs=0", "print_interval=1", *TINY]  # the loop reads the stop flags every print_interval steps
     real, calls = loop._sync_step, []
 
     def signal_at_second_step(loss, stopper, env):  # as if SIGTERM had arrived during step 2 of the first point

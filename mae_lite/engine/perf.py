@@ -12,6 +12,8 @@ def tune_allocator() -> bool:
     glibc hands blocks over 32 MB back with munmap and page-faults them in again on the next step;
     raising the mmap and trim thresholds (and disabling mmap) gave 1.1-1.6x on CPU training here (docs/performance.md).
     Set MAE_LITE_MALLOC_TUNING=0 to leave the allocator alone. Returns whether the setting was applied.
+    The commands call it for CPU runs only: a GPU run's step does not live in the host heap, and a heap that never
+    shrinks would only keep the host memory of its loader and pinned buffers (forked workers inherit it too).
     """
     if os.environ.get("MAE_LITE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False

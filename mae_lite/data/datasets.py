@@ -40,7 +40,8 @@ def build_dataset(name: str, data_root: str, split: str, transform: Optional[Cal
     `FashionMNIST` (IDX files under <data_root>/fashion_mnist/ or Debian's /usr/share/datasets/fashion-mnist/),
     a transfer set (`CIFAR10`, `CIFAR100`, `Flowers`, `Pets`, `Aircraft`, `Cars`, `iNat2018`: see
     transfer_sets.py; `class_type` picks e.g. Aircraft's variant/family/manufacturer),
-    or `folder:<path>` (any class-per-sub-folder tree; one with train/ and val/ (or test/) sub-trees is split)."""
+    `folder:<path>` (any class-per-sub-folder tree; one with train/ and val/ (or test/) sub-trees is split),
+    or `wds:<folder or brace pattern>` (ssl_prepare's shards; a folder with train/ and val/ shard folders is split)."""
     if is_transfer_set(name):
         return transfer_set(name, data_root, split, transform, class_type)
     if name.lower() == "imagenet":
@@ -51,5 +52,9 @@ def build_dataset(name: str, data_root: str, split: str, transform: Optional[Cal
         return FashionMNIST(data_root, train=split == "train", transform=transform)
     if name.startswith("folder:"):
         return image_folder(split_subfolder(Path(name[len("folder:"):]), split), transform, "image folder")
+    if name.startswith("wds:"):  # WebDataset shards written by ssl_prepare (shards.py)
+        from .shards import open_shards
+
+        return open_shards(name[len("wds:"):], split, transform)
     raise UserError(f"unknown dataset {name!r}: use ImageNet, demo, FashionMNIST, CIFAR10, CIFAR100, Flowers, Pets, "
-                    "Aircraft, Cars, iNat2018, or folder:<path to class sub-folders>")
+                    "Aircraft, Cars, iNat2018, folder:<path to class sub-folders>, or wds:<ssl_prepare shards>")

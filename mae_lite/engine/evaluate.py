@@ -24,6 +24,8 @@ class ShardSampler(Sampler):
 
 
 def eval_loader(dataset: Dataset, batch: int, env: DistEnv, workers: int, collate_fn=None) -> DataLoader:
+    if hasattr(dataset, "make_loader"):  # e.g. WebDataset shards: every image once over the ranks, sequential reads
+        return dataset.make_loader(batch, workers, False, collate_fn, env.device.type == "cuda", env)
     return DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), env), num_workers=workers,
                       pin_memory=env.device.type == "cuda", collate_fn=collate_fn)
 

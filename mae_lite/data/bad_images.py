@@ -114,7 +114,10 @@ class BadImageCounter:
             self.seen.setdefault(path, reason)
         self.epoch = {}
         self.check()
-        return {"bad_images": len(local), "bad_images_total": len(self.seen), "bad_image_files": list(self.seen)[:20]}
+        report: dict[str, Any] = {"bad_images": len(local), "bad_images_total": len(self.seen)}
+        if self.seen:
+            report["bad_image_files"] = list(self.seen)[:20]
+        return report
 
 
 def load(source: Any, transform, name: str):

@@ -131,24 +131,29 @@ def test_the_batch_script_and_torchrun_are_not_srun_tasks(clean_env):
     assert not adopt_srun_env() and os.environ["RANK"] == "5"
 
 
-def _srun_task(rank: int, port: int, output_dir: Path) -> list[str]:
+def _srun_task(rank: int, port: int, output_dir: Path, options: tuple = ()) -> list[str]:
     env = {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": "2",
            "SLURM_NTASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "127.0.0.1",
            "SLURM_JOB_ID": "1", "MASTER_PORT": str(port), "MAE_LITE_DIST_TIMEOUT": "60"}
     return ["env", *(f"{k}={v}" for k, v in env.items()), sys.executable, "-m", "mae_lite.cli.train", "-d", "cpu",
-            *DEMO, "--exp-options", f"output_dir={output_dir}", *TINY]
+            *DEMO, "--exp-options", f"output_dir={output_dir}", *TINY, *options]
 
 
-def test_srun_without_torchrun_forms_one_world_and_names_the_rank_that_failed(tmp_path, clean_env):
-    """Two srun tasks (no torchrun): rank 1's output folder cannot be created (say, on its node's disk). Both
-    exit promptly with status 2, and rank 0 (which could create its own) prints rank 1's error with its host."""
+@pytest.mark.parametrize("failure", ["output_folder", "data"])
+def test_srun_without_torchrun_forms_one_world_and_names_the_rank_that_failed(tmp_path, clean_env, failure):
+    """Two srun tasks (no torchrun); on rank 1 only, the output folder cannot be created or the data folder is
+    missing (say, on its node's disk). Both exit promptly with status 2, and rank 0 (which has both) prints rank 1's
+    error with its host: the tasks formed one world and agreed before any collective that could hang."""
     import subprocess
 
     (tmp_path / "file").write_text("")
     port = free_port()
+    bad = {"output_folder": (tmp_path / "file/x", ()),
+           "data": (tmp_path / "out1", (f"dataset=folder:{tmp_path / 'missing'}",))}[failure]
+    tasks = [_srun_task(0, port, tmp_path / "out0"), _srun_task(1, port, bad[0], bad[1])]
     base = {k: v for k, v in cli_env().items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
-    procs = [subprocess.Popen(_srun_task(r, port, tmp_path / ("ok" if r == 0 else "file/x")), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=base, start_new_session=True) for r in (0, 1)]
+    procs = [subprocess.Popen(t, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base,
+                              start_new_session=True) for t in tasks]
     try:
         results = [p.communicate(timeout=90) for p in procs]
     finally:
@@ -157,7 +162,9 @@ def test_srun_without_torchrun_forms_one_world_and_names_the_rank_that_failed(tm
                 os.killpg(p.pid, 9)
     assert [p.returncode for p in procs] == [2, 2], results
     err0 = results[0][1]
-    assert f"rank 1 on host {HOST}: cannot create the output folder {tmp_path / 'file/x'}" in err0
+    expected = {"output_folder": f"cannot create the output folder {tmp_path / 'file/x'}",
+                "data": f"image folder not found: expected class sub-folders of images under {tmp_path / 'missing'}"}
+    assert f"rank 1 on host {HOST}: {expected[failure]}" in err0
     assert "Traceback" not in err0 + results[1][1] and len(err0.strip().splitlines()) == 1
 
 
@@ -260,3 +267,33 @@ def test_eval_divides_loader_workers_by_the_local_processes(tmp_path, monkeypatc
                        "dataset=demo", "img_size=32", "patch_size=4", "depth=2", "num_classes=10",
                        "num_workers=10"])
     assert seen == [2]
+
+
+# ----- preemption under torchrun ---------------------------------------------------------------------------------
+def test_sigterm_to_torchrun_reaches_both_workers_which_save_within_its_grace_period(tmp_path):
+    """torchrun forwards SIGTERM to its workers and SIGKILLs them `--shutdown-timeout` seconds later (30 by default;
+    10 here): both stop after an agreed step and rank 0 saves a mid-epoch checkpoint within that window."""
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--shutdown-timeout", "10", "-m", "mae_lite.cli.train", "-d", "cpu", "-f", "mae_lite_demo", "-b", "8",
+           "-e", "1", "--exp-options", f"output_dir={tmp_path}", "exp_name=tr", "depth=2", "demo_samples=512",
+           "num_workers=0", "print_interval=1", "vis_images=0", "enable_tensorboard=False"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:  # training steps are running: signal torchrun only
+            logs = list((tmp_path / "tr").glob("train_log-*.txt"))
+            if logs and " it 3/64 " in logs[0].read_text():
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped by SIGTERM" in err and "continue with --resume" in err, err[-3000:]
+    ckpt = torch.load(tmp_path / "tr" / "last_epoch_ckpt.pth.tar", map_location="cpu", weights_only=False)
+    assert 0 < ckpt["iteration"] < 64 and len(ckpt["rng"]) == 2  # mid-epoch, both ranks' random state

@@ -40,6 +40,8 @@ class FinetuneMAE(Recipe):
     attn_drop_rate: float = 0.0
     patch_size: Optional[int] = None
     depth: Optional[int] = None
+    # load only the first N pre-trained blocks (the rest stay at initialisation; embeddings always load): None: all
+    load_blocks: Optional[int] = None
     # optimisation: AdamW (0.9, 0.999), wd 0.05, lr 1e-3 x batch / 256, layer decay 0.85, 5 warm-up epochs, cosine to 1e-6
     batch_size: int = 1024
     max_epoch: int = 100
@@ -76,6 +78,8 @@ class FinetuneMAE(Recipe):
             raise UserError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.encoder_arch not in timm.list_models():
             raise UserError(f"unknown encoder_arch {self.encoder_arch!r}")
+        if self.load_blocks is not None and self.load_blocks < 0:
+            raise UserError(f"load_blocks must be >= 0 (or None for every block), got {self.load_blocks}")
         if self.decode_on_device:
             raise UserError("decode_on_device applies to pre-training (mae_lite, mae_lite_distill): fine-tuning's "
                             "RandAugment works on decoded PIL images in the loader workers; drop decode_on_device=True")
@@ -154,8 +158,15 @@ class FinetuneMAE(Recipe):
         ckpt = load_checkpoint(path)
         check_encoder_compatible(ckpt.get("arch"), model.model, path)
         drop = ("decoder", "mask_token", "head")  # the head is always re-initialised
+        depth, kept = len(model.model.blocks), ""
+        if self.load_blocks is not None:
+            if self.load_blocks > depth:
+                raise UserError(f"load_blocks={self.load_blocks} exceeds the model's {depth} blocks; use 0..{depth}")
+            drop += tuple(f"blocks.{i}." for i in range(self.load_blocks, depth))
+        if self.load_blocks is not None and self.load_blocks < depth:
+            kept = f"; load_blocks={self.load_blocks}: blocks {self.load_blocks}..{depth - 1} left at initialisation"
         report = load_pretrained(model.model, ckpt, prefix=self.weights_prefix, drop=drop, ema=self.weights_ema)
-        return f"{path}: {report.summary}"
+        return f"{path}: {report.summary}{kept}"
 
 
 class Finetune(FinetuneMAE):

@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.mae-lite-installed
 
-.PHONY: setup demo smoke test bench clean-demo
+.PHONY: setup demo smoke test bench findings clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/step_speed.py
+
+# the paper's findings at small scale (~2.2 h on 2 cores; cached, rerun to continue): docs/findings.md
+findings: setup
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[findings]'
+	$(PY) benchmarks/paper_findings.py
 
 clean-demo:
 	rm -rf outputs/demo

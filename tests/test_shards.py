@@ -27,7 +27,8 @@ from mae_lite.data.shards import INDEX_NAME, PARTIAL_NAME, epoch_plan, read_shar
 from mae_lite.engine.checkpoint import load_checkpoint
 from mae_lite.engine.dist import free_port
 from mae_lite.errors import UserError
-from mae_lite.recipes import MaeLite
+from mae_lite.data.bad_images import collate
+from mae_lite.recipes import FinetuneMAE, MaeLite
 from _proc import cli_env
 from test_fashion_mnist import TRAIN_LABELS, _write_split
 from test_transfer import write_cifar10, write_flowers
@@ -274,15 +275,78 @@ def test_two_processes_two_workers_exact_counts(tmp_path):
     assert r[0]["top1"] == pytest.approx(100 * 10 / N_IDS)
 
 
+def test_a_bad_image_in_a_shard_is_skipped_and_named(tmp_path):
+    src = _jpeg_folder(tmp_path / "src", sizes=((20, 20),) * 2)
+    (src / "b" / "b1.jpg").write_bytes((src / "b" / "b1.jpg").read_bytes()[:60])  # truncated: kept as it is
+    write_shards(str(src), tmp_path / "s", progress=False)
+    ds = build_dataset(f"wds:{tmp_path / 's'}", "", "train", lambda img: torch.zeros(1))
+    batches = list(ds.make_loader(4, 0, True, collate))
+    bad = [b for batch in batches if len(batch) == 3 for b in batch[2]]
+    assert len(batches) == 1 and len(bad) == 1 and "b/b1.jpg" in bad[0].path and len(batches[0][0]) == 4
+
+
+def test_train_and_val_shard_folders_serve_fine_tuning(tmp_path):
+    src = _jpeg_folder(tmp_path / "src", sizes=((24, 24),) * 3)
+    write_shards(str(src), tmp_path / "wds" / "train", progress=False)
+    write_shards(_id_source(), tmp_path / "wds" / "val", image_format="png", progress=False)
+    data = FinetuneMAE(dataset=f"wds:{tmp_path / 'wds'}", img_size=32, patch_size=4, eval_limit=5).build_datasets()
+    assert len(data["train"]) == 6 and len(data["eval"]) == 5 and data["train"].classes == ["a", "b"]
+    with pytest.raises(UserError, match="no val/"):
+        (tmp_path / "wds" / "val" / INDEX_NAME).unlink()
+        build_dataset(f"wds:{tmp_path / 'wds'}", "", "eval", None)
+
+
 def test_limits_and_a_one_epoch_ssl_train_run(tmp_path):
-    src = _jpeg_folder(tmp_path / "src", sizes=((48, 40),) * 6)
-    assert ssl_prepare(["--src", str(src), "--out", str(tmp_path / "wds"), "--shard-size", "5", "--no-progress"]) == 0
+    src = _jpeg_folder(tmp_path / "src", sizes=((48, 40),) * 3)
+    assert ssl_prepare(["--src", str(src), "--out", str(tmp_path / "wds"), "--shard-size", "4", "--no-progress"]) == 0
     spec = f"wds:{tmp_path / 'wds'}"
-    recipe = MaeLite(dataset=spec, img_size=32, patch_size=4, train_limit=7)
-    assert len(recipe.build_datasets()["train"]) == 7
+    recipe = MaeLite(dataset=spec, img_size=32, patch_size=4, train_limit=5)
+    assert len(recipe.build_datasets()["train"]) == 5
     code = ssl_train(["-d", "cpu", "-f", "mae_lite", "-b", "4", "-e", "1", "--exp-options", f"dataset={spec}",
                       f"output_dir={tmp_path}", "exp_name=wds", "img_size=32", "patch_size=4", "depth=2",
                       "num_workers=2", "enable_tensorboard=False", "vis_images=0", "print_interval=1"])
     assert code == 0
     ckpt = load_checkpoint(tmp_path / "wds" / "last_epoch_ckpt.pth.tar")
-    assert ckpt["start_epoch"] == 1 and ckpt["iters_per_epoch"] == 12 // 4
+    assert ckpt["start_epoch"] == 1 and ckpt["iters_per_epoch"] == 6 // 4
+
+
+class _SigtermAt:
+    """The recipe's transform, with a SIGTERM to this process at its `at`-th call (workers=0: the batches are made
+    in the training process)."""
+
+    def __init__(self, inner, at: int):
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def __call__(self, img):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.inner(img)
+
+
+class _CutMaeLite(MaeLite):
+    def build_datasets(self):
+        data = super().build_datasets()
+        data["train"].transform = _SigtermAt(data["train"].transform, 8 + 2)  # epoch 2, batch 1 of 2
+        return data
+
+
+def test_mid_epoch_resume_on_shards_is_bit_identical(tmp_path):
+    from mae_lite.engine.dist import DistEnv
+    from mae_lite.engine.loop import train
+    from mae_lite.errors import Stopped
+
+    src = _jpeg_folder(tmp_path / "src", sizes=((40, 36),) * 4)
+    write_shards(str(src), tmp_path / "wds", shard_size=3, progress=False)
+    opts = dict(dataset=f"wds:{tmp_path / 'wds'}", img_size=32, patch_size=4, depth=2, batch_size=4, max_epoch=2,
+                num_workers=0, vis_images=0, print_interval=1, dump_interval=1, enable_tensorboard=False,
+                output_dir=str(tmp_path), warmup_epochs=0)
+    train(MaeLite(**opts, exp_name="straight"), DistEnv())
+    with pytest.raises(Stopped, match="epoch 2, iteration 1"):
+        train(_CutMaeLite(**opts, exp_name="cut"), DistEnv())
+    ckpt = load_checkpoint(tmp_path / "cut" / "last_epoch_ckpt.pth.tar")
+    assert (ckpt["start_epoch"], ckpt["iteration"], ckpt["iters_per_epoch"]) == (1, 1, 2)
+    train(MaeLite(**opts, exp_name="cut"), DistEnv(), resume_requested=True)
+    a = load_checkpoint(tmp_path / "straight" / "last_epoch_ckpt.pth.tar")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "last_epoch_ckpt.pth.tar")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

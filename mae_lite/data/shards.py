@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from torch.utils.data._utils.collate import default_collate
 
 from ..errors import UserError
+from .bad_images import load
 
 INDEX_NAME = "index.json"
 PARTIAL_NAME = ".index.partial.json"  # an unfinished ssl_prepare run's record of the shards done so far
@@ -45,9 +46,10 @@ def _prepare_hint(where: Path | str) -> str:
     return f"write them with `ssl_prepare --src <image folder or dataset> --out {where}` (docs/data.md)"
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """A sample's image as RGB, decoded as the folder datasets decode files (`_rgb_loader`)."""
-    return Image.open(io.BytesIO(data)).convert("RGB")
+def load_image(data: bytes, transform: Optional[Callable], name: str):
+    """`transform(image)` of a sample's bytes, as the folder data sets load files (bad_images.load: an undecodable
+    image becomes a BadImage that the recipe's collate counts and skips; lazy JPEGs for the fast transforms)."""
+    return load(io.BytesIO(data), transform, name)
 
 
 # ----- the index -------------------------------------------------------------------------------
@@ -146,13 +148,14 @@ def read_shard(path: str) -> Iterator[dict[str, Any]]:
     return tarfile_samples([{"url": path}])
 
 
-def _item(sample: dict[str, Any], path: str) -> tuple[bytes, int]:
-    """(image bytes, label) of a shard sample."""
+def _item(sample: dict[str, Any], path: str) -> tuple[bytes, int, str]:
+    """(image bytes, label, name for messages) of a shard sample."""
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None or "cls" not in sample:
         raise UserError(f"shard {path}: sample {sample.get('__key__')} has no image ({'/'.join(IMAGE_KEYS)}) or no "
                         "cls entry; write the shards with ssl_prepare")
-    return data, int(sample["cls"])
+    source = sample.get("src.txt", b"").decode(errors="replace")
+    return data, int(sample["cls"]), f"{path}:{sample['__key__']}" + (f" ({source})" if source else "")
 
 
 # ----- the epoch plan (pure: a function of its arguments only) ---------------------------------------
@@ -235,7 +238,7 @@ class ShardDataset(Dataset):
         self.shards, self.classes, self.transform = list(shards), list(classes), transform
         self.seed, self.where, self.shuffle_buffer = int(seed), where, shuffle_buffer
         self._starts = np.cumsum([0] + [s.samples for s in self.shards]).tolist()
-        self._cache: tuple[int, list[tuple[bytes, int]]] = (-1, [])
+        self._cache: tuple[int, list[tuple[bytes, int, str]]] = (-1, [])
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -264,9 +267,8 @@ class ShardDataset(Dataset):
             shard = self.shards[k]
             items = [_item(s, shard.path) for _, s in zip(range(shard.samples), read_shard(shard.path))]
             self._cache = (k, items)
-        data, label = self._cache[1][i - self._starts[k]]
-        img = decode_image(data)
-        return (self.transform(img) if self.transform is not None else img), label
+        data, label, name = self._cache[1][i - self._starts[k]]
+        return load_image(data, self.transform, name), label
 
     def make_loader(self, batch: int, workers: int, train: bool, collate_fn: Optional[Callable] = None,
                     pin_memory: bool = False, env=None) -> "ShardLoader":
@@ -348,7 +350,7 @@ class _EpochStream(IterableDataset):
         skip = share(start, k, logical)  # this worker's batches before `start`
         return self._batches(segments, n_batches, epoch, logical, skip, in_worker=info is not None)
 
-    def _samples(self, segments: list[Segment]) -> Iterator[tuple[bytes, int]]:
+    def _samples(self, segments: list[Segment]) -> Iterator[tuple[bytes, int, str]]:
         for seg in segments:
             path = self.ds.shards[seg.shard].path
             try:
@@ -389,10 +391,8 @@ class _EpochStream(IterableDataset):
                     np.random.set_state(npy)
                 yield out
 
-    def _collate(self, chunk: list[tuple[bytes, int]]):
-        tf = self.ds.transform
-        items = [((tf(decode_image(d)) if tf is not None else decode_image(d)), label) for d, label in chunk]
-        return self.collate(items)
+    def _collate(self, chunk: list[tuple[bytes, int, str]]):
+        return self.collate([(load_image(data, self.ds.transform, name), label) for data, label, name in chunk])
 
 
 def open_shards(spec: str, split: str, transform: Optional[Callable]) -> ShardDataset:

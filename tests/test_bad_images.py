@@ -119,36 +119,3 @@ def test_bad_image_in_evaluation_is_an_error_naming_it(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("evaluation image ") and "cannot be decoded" in msg
     assert any(f"{root}/val/b/{n}" in msg for n in REFUSED)
-
-
-def _report_worker(rank: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from mae_lite.data.bad_images import BadImage
-    from mae_lite.recipes.mae_lite import MaeLite
-
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    try:
-        r = MaeLite(dataset="demo", max_bad_images=5)
-        env = DistEnv(rank=rank, world_size=2)
-        # rank 0 meets a.jpg and b.jpg, rank 1 b.jpg and c.jpg in epoch 1; rank 1 meets d.jpg in epoch 2
-        mine = {0: ["a.jpg", "b.jpg"], 1: ["b.jpg", "c.jpg"]}[rank]
-        r.bad_images.add([BadImage(p, "OSError: truncated") for p in mine], train=True)
-        first = r.data_report(env)
-        if rank == 1:
-            r.bad_images.add([BadImage("d.jpg", "OSError: truncated")], train=True)
-        second = r.data_report(env)
-        torch.save({"first": first, "second": second}, f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_data_report_counts_over_two_ranks(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_report_worker, args=(f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
-    for k in (0, 1):
-        rep = torch.load(tmp_path / f"{k}.pt")
-        assert (rep["first"]["bad_images"], rep["first"]["bad_images_total"]) == (3, 3)  # a, b, c: b once
-        assert (rep["second"]["bad_images"], rep["second"]["bad_images_total"]) == (1, 4)  # d, on both ranks
-        assert sorted(rep["second"]["bad_image_files"]) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]

@@ -183,8 +183,13 @@ def test_decode_on_device_recipe_batches(jpeg, tmp_path):
         Finetune(pretrain_exp_name="p", decode_on_device=True)
 
 
-def _scan_worker(rank: int, world: int, init: str, root: str, out: str) -> None:
+def _two_rank_worker(rank: int, world: int, init: str, root: str, out: str) -> None:
+    """Rank r: lists the folder (counting os.scandir calls), then meets some bad images and reports them."""
     import torch.distributed as dist
+
+    from mae_lite.data.bad_images import BadImage
+    from mae_lite.engine.dist import DistEnv
+    from mae_lite.recipes.mae_lite import MaeLite
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     calls = []
@@ -196,17 +201,27 @@ def _scan_worker(rank: int, world: int, init: str, root: str, out: str) -> None:
 
     os.scandir = counting
     try:
-        from mae_lite.data.datasets import image_folder
-        from pathlib import Path
-
-        ds = image_folder(Path(root), None, "image folder")
-        torch.save({"calls": len(calls), "samples": ds.samples, "classes": ds.classes}, f"{out}/{rank}.pt")
+        r = MaeLite(dataset=f"folder:{root}", img_size=16, patch_size=8, max_bad_images=5)
+        ds = r.build_datasets()["train"]
+        os.scandir = real
+        env = DistEnv(rank=rank, world_size=world)
+        # epoch 1: rank 0 meets a.jpg and b.jpg, rank 1 b.jpg and c.jpg; epoch 2: rank 1 meets d.jpg
+        r.bad_images.add([BadImage(p, "OSError: truncated") for p in [["a.jpg", "b.jpg"], ["b.jpg", "c.jpg"]][rank]],
+                         train=True)
+        first = r.data_report(env)
+        if rank == 1:
+            r.bad_images.add([BadImage("d.jpg", "OSError: truncated")], train=True)
+        second = r.data_report(env)
+        torch.save({"calls": len(calls), "samples": ds.samples, "classes": ds.classes, "first": first,
+                    "second": second}, f"{out}/{rank}.pt")
     finally:
         os.scandir = real
         dist.destroy_process_group()
 
 
-def test_folder_is_scanned_on_rank0_only(tmp_path):
+def test_two_ranks_scan_the_folder_once_and_merge_bad_image_counts(tmp_path):
+    """2 gloo processes: only rank 0 lists the image folder, both get its samples; bad-image counts are merged
+    (a file met on both ranks counts once) and add up over epochs."""
     import torch.multiprocessing as mp
 
     root = tmp_path / "data"
@@ -214,7 +229,11 @@ def test_folder_is_scanned_on_rank0_only(tmp_path):
         (root / c).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (8, 8)).save(root / c / f"{i}.png")
-    mp.spawn(_scan_worker, args=(2, f"file://{tmp_path}/store", str(root), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(2, f"file://{tmp_path}/store", str(root), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{k}.pt", weights_only=False) for k in (0, 1))
     assert r0["calls"] >= 3 and r1["calls"] == 0  # the root and both class folders, on rank 0 only
     assert r0["samples"] == r1["samples"] and len(r1["samples"]) == 6 and r1["classes"] == ["a", "b"]
+    for rep in (r0, r1):
+        assert (rep["first"]["bad_images"], rep["first"]["bad_images_total"]) == (3, 3)  # a, b, c: b once
+        assert (rep["second"]["bad_images"], rep["second"]["bad_images_total"]) == (1, 4)  # d, on both ranks
+        assert sorted(rep["second"]["bad_image_files"]) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]

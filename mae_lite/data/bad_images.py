@@ -38,7 +38,10 @@ class BadList(list):
 
 
 def bad_item(path: str, error: BaseException) -> BadImage:
-    return BadImage(str(path), f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip())
+    text = str(error).splitlines()[0] if str(error) else ""
+    if ".cpp:" in text:  # torchvision's "decode_jpeg, <source file>:<line>, <message>": the message
+        text = text.rsplit(", ", 1)[-1]
+    return BadImage(str(path), f"{type(error).__name__}: {text}".strip())
 
 
 def collate(items: Sequence[tuple[Any, Any]], inner=default_collate):

@@ -32,7 +32,8 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 
 @dataclass
 class RawSource:
-    """Images without transforms: `read(i)` -> (a file path, a uint8 array or a PIL image; label; name)."""
+    """Images without transforms: `read(i)` -> (a file path, a uint8 array or a PIL image; label; the file's name
+    or "")."""
     description: str
     classes: list[str]
     size: int
@@ -53,8 +54,8 @@ def raw_source(ds, description: str) -> RawSource:
         return RawSource(description, classes, len(files), lambda i: (Path(files[i]), int(targets[i]), str(files[i])))
     images = getattr(ds, "images", None)
     if isinstance(images, np.ndarray) and targets is not None:
-        return RawSource(description, classes, len(images), lambda i: (images[i], int(targets[i]), f"{description}#{i}"))
-    return RawSource(description, classes, len(ds), lambda i: (*ds[i], f"{description}#{i}"))
+        return RawSource(description, classes, len(images), lambda i: (images[i], int(targets[i]), ""))
+    return RawSource(description, classes, len(ds), lambda i: (*ds[i], ""))
 
 
 def _rel(path: str, root: Path) -> str:
@@ -144,11 +145,14 @@ class _Job:
                 try:
                     ext, data, redone = encode(payload, self.max_side, self.quality, self.image_format)
                 except (OSError, ValueError, Image.DecompressionBombError) as e:
-                    entry["skipped"].append(f"{where}: {type(e).__name__}: {str(e)[:80]}")
+                    entry["skipped"].append(f"{where or f'item {self.order[p]}'}: not a readable image "
+                                            f"({type(e).__name__})")
                     tick(1)
                     continue
-                writer.write({"__key__": f"{p:09d}", ext: data, "cls": str(label).encode(),
-                              "src.txt": where.encode()})
+                sample = {"__key__": f"{p:09d}", ext: data, "cls": str(label).encode()}
+                if where:  # a file's path (an array item is its position in the source: no entry, 1 KiB less of tar)
+                    sample["src.txt"] = where.encode()
+                writer.write(sample)
                 entry["samples"] += 1
                 entry["re_encoded"] += int(redone)
                 tick(1)

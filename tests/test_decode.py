@@ -237,3 +237,16 @@ def test_two_ranks_scan_the_folder_once_and_merge_bad_image_counts(tmp_path):
         assert (rep["first"]["bad_images"], rep["first"]["bad_images_total"]) == (3, 3)  # a, b, c: b once
         assert (rep["second"]["bad_images"], rep["second"]["bad_images_total"]) == (1, 4)  # d, on both ranks
         assert sorted(rep["second"]["bad_image_files"]) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+
+
+@pytest.mark.cuda
+def test_device_decode_on_cuda_matches_the_cpu_run(jpeg):
+    """nvJPEG + the same crop code on the GPU against the CPU run of decode_batch (same parameters)."""
+    random.seed(11)
+    dev = DeviceDecodeCrop(224)
+    items = [(dev(Image.open(jpeg / n)), 0) for n in ("a.jpg", "big.jpg", "a.jpg")]
+    images, _ = collate_encoded(items)
+    on_gpu, bad = decode_batch(images, torch.device("cuda"))
+    on_cpu, _ = decode_batch(images, CPU)
+    assert bad == [] and on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape == (3, 3, 224, 224)
+    assert (on_gpu.cpu().float() - on_cpu.float()).abs().mean() < 1.0

@@ -145,7 +145,7 @@ def test_full_recipe_model_matches_the_original_config():
     assert resolve_recipe("mask_rcnn_vitdet_t_100ep.py") is MaskRCNNViTDet
     model = r.build_network()
     net = model.backbone.net
-    assert [b.window for b in net.blocks] == [14, 14, 0, 14, 14, 0, 14, 14, 0, 14, 14, 0]
+    assert [b.window_size for b in net.blocks] == [14, 14, 0, 14, 14, 0, 14, 14, 0, 14, 14, 0]
     assert net.blocks[0].attn.rel_pos_h.shape == (27, 16) and net.blocks[2].attn.rel_pos_h.shape == (79, 16)
     assert len(model.rpn.head.conv) == 2  # 2-conv RPN head
     convs = [m for m in model.roi_heads.box_head.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -74,12 +74,19 @@ def spy(method: MAEDistill):
     return rec
 
 
+def on_logits(attn: nn.Module, fn) -> None:
+    """Call fn(q k^T * scale) on every forward, from the q and k that timm's attention puts through q_norm/k_norm."""
+    q = {}
+    attn.q_norm.register_forward_hook(lambda mod, i, o: q.__setitem__(0, o))
+    attn.k_norm.register_forward_hook(lambda mod, i, o: fn(q[0] @ o.transpose(-2, -1) * attn.scale))
+
+
 def test_distilled_logits_are_q_k_transposed_scaled_and_teacher_sees_the_student_patches():
     m = tiny_pair()
     imgs = torch.randn(3, 3, 16, 16)
     caught = {}
     for net, key in ((m.model, "s"), (m.teacher, "t")):
-        net.blocks[1].attn.identity.register_forward_hook(lambda mod, i, o, key=key: caught.__setitem__(key, o.detach()))
+        on_logits(net.blocks[1].attn, lambda o, key=key: caught.__setitem__(key, o.detach()))
     rec = spy(m)
     x_s = block_input(m.model, 1, lambda: m(imgs))
     ids = rec["student_ids"]
@@ -130,8 +137,7 @@ def test_total_loss_equals_hand_computation():
     caught = {}
     for net, key in ((m.model, "s"), (m.teacher, "t")):
         for i in (0, 1):
-            net.blocks[i].attn.identity.register_forward_hook(
-                lambda mod, inp, o, key=key, i=i: caught.__setitem__((key, "attn", i), o.detach()))
+            on_logits(net.blocks[i].attn, lambda o, key=key, i=i: caught.__setitem__((key, "attn", i), o.detach()))
         net.blocks[1].norm1.register_forward_hook(lambda mod, inp, o, key=key: caught.__setitem__((key, "hid", 1), o.detach()))
     m.model.norm.register_forward_hook(lambda mod, inp, o: caught.__setitem__(("s", "hid", 2), o.detach()))
     m.teacher.blocks[2].norm1.register_forward_hook(lambda mod, inp, o: caught.__setitem__(("t", "hid", 2), o.detach()))

@@ -56,11 +56,12 @@ def test_pos_embed_is_moco_formula_frozen_and_transposed_mae_table():
 def test_tiny_arch_init_and_cls_token_output():
     net = timm.create_model("mocov3_vit_tiny_patch16", num_classes=1000)
     assert isinstance(net, VisionTransformerMoCo)
-    assert (net.embed_dim, net.depth, net.num_heads, net.patch_embed.patch_size) == (192, 12, 12, (16, 16))
+    assert (net.embed_dim, len(net.blocks), net.blocks[0].attn.num_heads, net.patch_embed.patch_size) == (192, 12, 12, (16, 16))
     d, p = 192, 16
     block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
     count = (3 * p * p * d + d) + d + 197 * d + 12 * block + 2 * d + (d * 1000 + 1000)
-    assert sum(t.numel() for t in net.parameters()) == count == 5_717_416
+    assert count == 5_717_416 and "pos_embed" in dict(net.named_buffers())  # the fixed table is a buffer
+    assert sum(t.numel() for t in net.parameters()) == count - 197 * d
     qkv = net.blocks[0].attn.qkv.weight
     bound_qkv = math.sqrt(6 / (d + d))  # q, k, v as three d x d matrices
     assert bound_qkv * 0.99 < qkv.abs().max() <= bound_qkv  # xavier over [3d, d] would stay below sqrt(6 / 4d)
@@ -70,15 +71,16 @@ def test_tiny_arch_init_and_cls_token_output():
     assert math.sqrt(6 / (3 * p * p + d)) * 0.99 < pe.abs().max() <= math.sqrt(6 / (3 * p * p + d))
     assert all(not m.bias.any() for m in net.modules() if isinstance(m, nn.Linear))
     assert not net.patch_embed.proj.bias.any() and net.cls_token.abs().max() < 1e-5
-    assert not net.global_pool and hasattr(net, "norm") and not hasattr(net, "fc_norm")
+    keys = set(net.state_dict())
+    assert net.global_pool == "token" and "norm.weight" in keys and not any(k.startswith("fc_norm") for k in keys)
 
     small = timm.create_model("mocov3_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, num_classes=5)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(small(x), small.head(small.norm(small.forward_features(x))[:, 0]))
+        torch.testing.assert_close(small(x), small.head(small.forward_features(x)[:, 0]))  # timm: features end with norm
     frozen = timm.create_model("mocov3_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, stop_grad_conv1=True)
     assert not any(q.requires_grad for q in frozen.patch_embed.parameters())
-    assert timm.create_model("mocov3_vit_small_patch16", depth=1).num_heads == 6
+    assert timm.create_model("mocov3_vit_small_patch16", depth=1).blocks[0].attn.num_heads == 6
 
 
 # ----- method: momentum, loss, EMA, keys ---------------------------------------------------------

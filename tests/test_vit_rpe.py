@@ -129,7 +129,7 @@ def tiny_rpe() -> VisionTransformerRPE:
 def test_registry_and_pretrained_refused(tiny_rpe):
     assert timm.is_model("vit_tiny_patch16_rpe")
     assert "vit_tiny_patch16_rpe" in timm.list_models("*rpe*")
-    assert isinstance(tiny_rpe, Beit)  # timm's own class
+    assert type(tiny_rpe) is VisionTransformerRPE and isinstance(tiny_rpe, Beit)  # timm's own class
     assert (tiny_rpe.embed_dim, len(tiny_rpe.blocks), tiny_rpe.global_pool) == (192, 12, "avg")
     assert timm.create_model("vit_tiny_patch16_rpe", depth=1).pos_embed is None  # the original factory's default
     assert all(b.attn.num_heads == 12 for b in tiny_rpe.blocks)

@@ -1,6 +1,6 @@
 """Attention entropy and attention distance per layer and head (the original's `run_vis_attn.py`).
 
-For each layer the scaled pre-softmax logits are caught at `blocks.i.attn.identity`; the cls row and
+For each layer the scaled pre-softmax logits are caught by `capture_attention` (hooks on timm's q/k); the cls row and
 column are dropped and the rest re-softmaxed over the patch keys. Per query:
 entropy `-sum_k p log(p + 1e-6)`, distance `sum_k p d(q, k)` with d the Euclidean distance between the
 two patches' grid positions times `distance_scale` (pixels per grid step: the patch size by default; the

@@ -8,11 +8,10 @@ from .mae_d2 import MAE_D2_ARCHS, MaskedAutoencoderViTD2  # D²-MAE student (add
 from .mocov3 import MOCOV3_ARCHS
 from .pos_embed import resize_pos_embed, sincos_2d
 from .vit import VIT_ARCHS, capture_attention, capture_representations, uses_mean_pool, vit_dims, vit_tiny
-from .vit_rpe import RPE_ARCHS, BeitRPE, vit_tiny_rpe
+from .vit_rpe import RPE_ARCHS, VisionTransformerRPE
 
-VisionTransformer = vit_tiny  # former class names: builders of the timm models with the same defaults
-VisionTransformerRPE = vit_tiny_rpe
+VisionTransformer = vit_tiny  # our former class's name: builds timm's ViT with the same defaults
 
 __all__ = ["MAE_ARCHS", "VIT_ARCHS", "MaskedAutoencoderViT", "VisionTransformer", "capture_attention",
-           "capture_representations", "resize_pos_embed", "sincos_2d", "RPE_ARCHS", "BeitRPE", "MOCOV3_ARCHS",
-           "uses_mean_pool", "vit_dims", "VisionTransformerRPE", "vit_tiny", "vit_tiny_rpe"]
+           "capture_representations", "resize_pos_embed", "sincos_2d", "RPE_ARCHS", "VisionTransformerRPE",
+           "MOCOV3_ARCHS", "uses_mean_pool", "vit_dims", "vit_tiny"]

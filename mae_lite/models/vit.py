@@ -115,9 +115,12 @@ def vit_tiny(**kwargs) -> VisionTransformer:
 
 # ----- what the encoder computes inside -------------------------------------------------------------------------
 def vit_dims(net: nn.Module) -> dict[str, Any]:
-    """embed_dim, depth, num_heads and patch size of a ViT (timm's, the MAE model, the original's)."""
-    patch = net.patch_embed.patch_size
-    return {"embed_dim": net.embed_dim, "depth": len(net.blocks), "num_heads": net.blocks[0].attn.num_heads,
+    """embed_dim, depth, num_heads and patch size of a ViT (timm's, the MAE model, the original's); None where
+    the network has no such part."""
+    blocks = getattr(net, "blocks", None)
+    patch = getattr(getattr(net, "patch_embed", None), "patch_size", None)
+    return {"embed_dim": getattr(net, "embed_dim", None), "depth": len(blocks) if blocks is not None else None,
+            "num_heads": getattr(blocks[0].attn, "num_heads", None) if blocks else None,
             "patch_size": patch[0] if isinstance(patch, tuple) else patch}
 
 

@@ -19,7 +19,7 @@ from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models.beit import Beit
 
-from ._registry import build, cfg, filter_state, register
+from ._registry import build, cfg, filter_state, pool_name, register
 from .vit import LayerNorm
 
 default_cfgs = generate_default_cfgs({
@@ -29,30 +29,27 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-class OriginalDecay:
-    """`no_weight_decay` of the original: position embedding and cls token only (tables are decayed)."""
+class VisionTransformerRPE(Beit):
+    """timm's `Beit` with the original RPE ViT's defaults and details (our pooling booleans accepted)."""
+
+    def __init__(self, embed_dim: int = 192, num_heads: int = 12, global_pool: bool | str = "avg",
+                 init_values: float | None = 0.1, use_abs_pos_emb: bool = True, use_rel_pos_bias: bool = True,
+                 head_init_scale: float = 0.001, norm_layer=LayerNorm, **kwargs):
+        super().__init__(embed_dim=embed_dim, num_heads=num_heads, global_pool=pool_name(global_pool),
+                         init_values=init_values, use_abs_pos_emb=use_abs_pos_emb, use_rel_pos_bias=use_rel_pos_bias,
+                         head_init_scale=head_init_scale, norm_layer=norm_layer, **kwargs)
+        for blk in self.blocks:
+            blk.mlp.drop1 = nn.Identity()  # the original drops only after fc2
+            idx = blk.attn.relative_position_index
+            if idx is not None:
+                blk.attn.register_buffer("relative_position_index", idx, persistent=True)  # a key of the original's
+        with torch.no_grad():  # §3.3: Conv weights trunc-normal(0.02) too, bias 0
+            trunc_normal_(self.patch_embed.proj.weight, std=0.02)
+            nn.init.zeros_(self.patch_embed.proj.bias)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
-
-class BeitRPE(OriginalDecay, Beit):
-    pass
-
-
-@torch.no_grad()
-def original_rpe(**kwargs) -> BeitRPE:
-    model = BeitRPE(**kwargs)
-    for blk in model.blocks:
-        blk.mlp.drop1 = nn.Identity()  # the original drops only after fc2
-        idx = blk.attn.relative_position_index
-        if idx is not None:
-            blk.attn.register_buffer("relative_position_index", idx, persistent=True)  # a key of the original's
-    conv = model.patch_embed.proj  # §3.3: Conv weights trunc-normal(0.02) too, bias 0
-    trunc_normal_(conv.weight, std=0.02)
-    nn.init.zeros_(conv.bias)
-    return model
+        return {"pos_embed", "cls_token"}  # the original decays the relative position tables
 
 
 def checkpoint_filter_fn(state: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -68,24 +65,15 @@ RPE_ARCHS = {
     "vit_tiny_patch16_rpe": dict(patch_size=16, embed_dim=192, depth=12, num_heads=12, mlp_ratio=4.0,
                                  init_values=0.1, use_abs_pos_emb=False),
 }
-COMMON = dict(qkv_bias=True, use_rel_pos_bias=True, head_init_scale=0.001, global_pool="avg", norm_layer=LayerNorm)
-
-
 # the released RPE fine-tune was trained with the recipe's absolute position table
 TAG_ARGS = {"mae_lite_ft_rpe_in1k": dict(use_abs_pos_emb=True)}
 
 
-def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> BeitRPE:
+def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformerRPE:
     tag = kwargs.get("pretrained_cfg") or "mae_lite_ft_rpe_in1k"
     if pretrained and isinstance(tag, str):
         kwargs = {**TAG_ARGS.get(tag, {}), **kwargs}
-    return build(original_rpe, name, pretrained, {**COMMON, **RPE_ARCHS[name], **kwargs}, checkpoint_filter_fn)
-
-
-def vit_tiny_rpe(**kwargs) -> BeitRPE:
-    """`vit_tiny_patch16_rpe` with the RPE recipe's absolute position table by default (our former class's
-    defaults); kept as `mae_lite.models.VisionTransformerRPE` for existing callers."""
-    return _create("vit_tiny_patch16_rpe", False, {"use_abs_pos_emb": True, **kwargs})
+    return build(VisionTransformerRPE, name, pretrained, {**RPE_ARCHS[name], **kwargs}, checkpoint_filter_fn)
 
 
 for _name, _arch in RPE_ARCHS.items():

@@ -192,3 +192,8 @@ class FinetuneRPE(Finetune):
     aliases: ClassVar[tuple[str, ...]] = ("finetuning_rpe_exp.py", "finetuning_rpe_exp")
     encoder_arch: str = "vit_tiny_patch16_rpe"
     save_folder_prefix: str = "ft_impr_rpe_"
+
+    def arch_record(self) -> dict[str, Any]:
+        record = super().arch_record()
+        record["kwargs"]["use_abs_pos_emb"] = True  # the original's RPE recipe (its factory default is False)
+        return record

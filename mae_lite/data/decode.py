@@ -117,11 +117,6 @@ def resample_pil(img: Image.Image, box: tuple[int, int, int, int], size: int, in
     return out if out.mode == "RGB" else out.convert("RGB")
 
 
-def to_uint8_chw(img: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a uint8 [3, H, W] tensor (a view of one copy; the collate's stack makes it contiguous)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-
-
 def to_float_normalised(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float32 (x / 255 - mean) / std: ToTensor + Normalize, on any device."""
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)

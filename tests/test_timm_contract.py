@@ -56,7 +56,7 @@ def test_released_tags_carry_file_size_transform_and_classes():
         assert m.patch_embed.patch_size == (arch["patch_size"],) * 2 and m.feature_info[-1]["reduction"] == arch["patch_size"]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CLASSES)
 def test_forward_features_head_and_classifier(name):
     m = small(name)
     x = torch.randn(2, 3, 32, 32)
@@ -137,18 +137,17 @@ def _mae_state(seed: int) -> dict[str, torch.Tensor]:
     return mae.state_dict()
 
 
-@pytest.mark.parametrize("layout", ["original", "ours", "flat"])
-def test_pretrained_encoder_loads_through_pretrained_cfg_overlay(layout, tmp_path):
+def test_pretrained_encoder_loads_through_pretrained_cfg_overlay(tmp_path):
     sd = _mae_state(1)
-    prefix = {"original": "module.model.", "ours": "model.", "flat": ""}[layout]
-    path = tmp_path / "mae_tiny_400e.pth.tar"
-    save_checkpoint({"model": {prefix + k: v for k, v in sd.items()}, "start_epoch": 400}, path)
-    m = timm.create_model("vit_tiny_patch16.mae_lite_in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                          **SMALL, global_pool="token")
-    assert m.num_classes == 0 and "state_dict" not in m.pretrained_cfg
-    own = m.state_dict()
-    for k in ("cls_token", "pos_embed", "blocks.1.attn.qkv.weight", "norm.weight"):
-        assert torch.equal(own[k], sd[k]), k  # decoder and mask token dropped, the encoder's norm kept
+    for layout, prefix in (("original", "module.model."), ("ours", "model."), ("flat", "")):
+        path = tmp_path / f"{layout}.pth.tar"
+        save_checkpoint({"model": {prefix + k: v for k, v in sd.items()}, "start_epoch": 400}, path)
+        m = timm.create_model("vit_tiny_patch16.mae_lite_in1k", pretrained=True, **SMALL, global_pool="token",
+                              pretrained_cfg_overlay=dict(file=str(path)))
+        assert m.num_classes == 0 and "state_dict" not in m.pretrained_cfg
+        own = m.state_dict()
+        for k in ("cls_token", "pos_embed", "blocks.1.attn.qkv.weight", "norm.weight"):
+            assert torch.equal(own[k], sd[k]), (layout, k)  # decoder and mask token dropped, the encoder's norm kept
     avg = timm.create_model("vit_tiny_patch16.mae_lite_in1k", pretrained=True, num_classes=10, **SMALL,
                             pretrained_cfg_overlay=dict(file=str(path)))
     assert torch.equal(avg.state_dict()["blocks.0.mlp.fc2.weight"], sd["blocks.0.mlp.fc2.weight"])

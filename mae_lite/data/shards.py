@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 

@@ -57,6 +57,8 @@ class Sizes:
     eval_images: int = 2000  # first N Fashion-MNIST test images: the evaluation of every Fashion-MNIST target
     heldout_images: Optional[int] = None  # test images after eval_images the few-shot draws from (None: all 8000)
     digits_epochs: int = 7
+    digits_shots: Optional[int] = None  # images per class of the digits' training half (None: all 901)
+    digits_eval: Optional[int] = None  # the first N of the digits' evaluation half (None: all 896)
     shots: int = 20  # images per class of the few-shot target
     fewshot_epochs: int = 30
     seeds: int = 2
@@ -73,7 +75,7 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(pre_images=128, pre_epochs=1, teacher_epochs=1, ft_epochs=1, eval_images=64, heldout_images=300,
-              digits_epochs=1, shots=2, fewshot_epochs=1, pre_batch=32, ft_batch=32, transfer_batch=16,
+              digits_epochs=1, digits_shots=2, digits_eval=64, shots=2, fewshot_epochs=1, pre_batch=32, ft_batch=32, transfer_batch=16,
               knn_images=64, attn_images=16, cka_images=32, blocks=(0, 6))
 
 
@@ -206,8 +208,11 @@ def transfer_runs(s: Sizes, lay: Layout) -> list[Run]:
     base = [o for o in common_options(s, lay) if not o.startswith("dataset=")]
     base += [f"lr={0.1 * s.transfer_batch / 512:g}"]
     n_digits = 901  # the first half (rounded up) of each class of the 1,797 digits (see write_digits)
+    digits = [f"dataset=folder:{lay.digits}"]
+    digits += [f"few_shot={s.digits_shots}", "few_shot_seed=0"] if s.digits_shots else []
+    digits += [f"eval_limit={s.digits_eval}"] if s.digits_eval else []
     targets = {
-        "digits": ([f"dataset=folder:{lay.digits}"], s.digits_epochs, n_digits, 896),
+        "digits": (digits, s.digits_epochs, 10 * s.digits_shots if s.digits_shots else n_digits, s.digits_eval or 896),
         f"fewshot{s.shots}": ([f"dataset=folder:{lay.heldout}", f"few_shot={s.shots}", "few_shot_seed=0"],
                               s.fewshot_epochs, 10 * s.shots, s.eval_images),
     }
@@ -336,14 +341,21 @@ class Interrupted(Exception):
     pass
 
 
-def execute(run: Run, lay: Layout, index: int, total: int) -> Optional[dict]:
+STOP_REQUESTED: list[int] = []  # signals received while a command ran: stop after it (it may have finished anyway)
+
+
+def execute(run: Run, lay: Layout, index: int, total: int, elapsed_s: float = 0.0) -> Optional[dict]:
     """Run (or skip, or resume) one command; its result record, or None when it failed or cannot run yet."""
     result_path = lay.result(run.key)
     action = decide(read_json(result_path), run.argv, checkpoint_summary(run.ckpt), run.max_epoch)
-    tag = f"[{index}/{total}] {run.key}"
+    tag = f"[{index}/{total}, {elapsed_s / 60:.0f} min] {run.key}"
     if action == "skip":
         print(f"{tag}: cached", flush=True)
         return read_json(result_path)
+    started = result_path.with_suffix(".started.json")
+    if action == "resume" and (read_json(started) or {}).get("argv", run.argv) != run.argv:
+        raise SystemExit(f"paper_findings: {run.key} was started with other settings ({started}); use another --out, "
+                         f"or delete {started} and {run.run_dir} to redo it")
     missing = [str(p) for p in run.needs if not finished(checkpoint_summary(p))]
     if missing:
         print(f"{tag}: not run, needs the finished run {missing[0]} (run its step first)", flush=True)
@@ -352,6 +364,8 @@ def execute(run: Run, lay: Layout, index: int, total: int) -> Optional[dict]:
     if action in ("start", "resume"):
         log = lay.out / "logs" / (run.key.replace("/", "__") + ".log")
         log.parent.mkdir(parents=True, exist_ok=True)
+        if action == "start":
+            write_json(started, {"key": run.key, "argv": run.argv, "started": now()})
         cmd = [sys.executable, "-m", run.module, *run.argv] + (["--resume"] if action == "resume" else [])
         print(f"{tag}: {action} (planned {run.est_s / 60:.1f} min; log {log})", flush=True)
         t0 = time.time()
@@ -378,10 +392,8 @@ def run_child(cmd: list[str], log: Path) -> int:
     """The command's exit status, its output appended to `log`. A SIGTERM to this script (a scheduler, `timeout`)
     is passed on, so the run saves its checkpoint and stops (STOPPED); Ctrl-C reaches the run from the terminal
     by itself, so this script only waits for it."""
-    stopped = []
-
     def forward(signum, frame):
-        stopped.append(signum)
+        STOP_REQUESTED.append(signum)
         if signum != signal.SIGINT:
             proc.send_signal(signum)
 
@@ -395,7 +407,7 @@ def run_child(cmd: list[str], log: Path) -> int:
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-    return STOPPED if stopped and rc != 0 else rc
+    return STOPPED if STOP_REQUESTED and rc != 0 else rc
 
 
 def now() -> str:
@@ -652,7 +664,7 @@ def table_rows(r: Results) -> list[Row]:
     curve = ", ".join(f"k={k}: {mean_sd(v)}" for k, v in by_k.items())
     rows.append(Row("3. lower layers matter more (data-sufficient): first k pre-trained blocks loaded, rest re-initialised",
                     "figure: loading the lower blocks keeps most of the gain (no table number)",
-                    f"as 1, `load_blocks=k`; k=12 is row 1's fine-tuning",
+                    f"as 1 with `load_blocks=k` (the embeddings always load; k=0: nothing else); k={s.depth} is row 1's run",
                     f"{curve}, k={s.depth}: {mean_sd(mae)}, scratch: {mean_sd(scratch)}; share of the gain at "
                     f"k={s.depth // 2}: {mean_sd([100 * x for x in shares])} %", verdict, why))
     sup_curves = [c for c in (r.cka_diag("MAE-Tiny", f"Supervised-s{i}") for i in range(min(2, s.seeds))) if c]
@@ -884,10 +896,15 @@ def main(argv=None) -> int:
     failed = []
     try:
         for i, run in enumerate(runs, 1):
-            if execute(run, lay, i, len(runs)) is None:
+            if execute(run, lay, i, len(runs), time.time() - t0) is None:
                 failed.append(run.key)
+            if STOP_REQUESTED:
+                raise Interrupted(f"stopped by a signal after {run.key}; run the same command again to continue")
     except Interrupted as e:
         print(f"paper_findings: {e}", flush=True)
+        return STOPPED
+    except KeyboardInterrupt:
+        print("paper_findings: interrupted; run the same command again to continue", flush=True)
         return STOPPED
     if "report" in steps:
         results = Results(sizes, lay)

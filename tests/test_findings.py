@@ -141,6 +141,16 @@ def test_execute_resumes_an_interrupted_run_and_records_it(pf, tmp_path, monkeyp
     assert json.loads(lay.result(run.key).read_text())["argv"] == run.argv
 
 
+def test_execute_refuses_to_resume_a_run_started_with_other_settings(pf, tmp_path, monkeypatch):
+    lay, run = pf.Layout(tmp_path), _run(pf, tmp_path)
+    run.run_dir.mkdir()
+    torch.save({"start_epoch": 0, "iteration": 3, "config": {"max_epoch": 2}}, run.ckpt)
+    pf.write_json(lay.result(run.key).with_suffix(".started.json"), {"key": run.key, "argv": ["-e", "5"]})
+    monkeypatch.setattr(pf, "run_child", lambda *a: pytest.fail("must not resume with other settings"))
+    with pytest.raises(SystemExit, match="started with other settings"):
+        pf.execute(run, lay, 1, 1)
+
+
 def test_execute_waits_for_an_unfinished_dependency(pf, tmp_path, monkeypatch):
     lay, run = pf.Layout(tmp_path), _run(pf, tmp_path)
     dep = tmp_path / "pre" / "last_epoch_ckpt.pth.tar"
@@ -163,18 +173,22 @@ def test_run_child_passes_sigterm_on(pf, tmp_path):
     """A SIGTERM to the script reaches the command, which here records it and exits like a stopped ssl_train."""
     child = ("import signal, sys, time\n"
              "signal.signal(signal.SIGTERM, lambda *a: (print('got TERM', flush=True), sys.exit(3)))\n"
-             "print('ready', flush=True)\ntime.sleep(60)\n")
+             "print('handler' + ' installed', flush=True)\ntime.sleep(60)\n")  # the log also holds this source
     log = tmp_path / "child.log"
 
     def terminate_when_ready():
         for _ in range(600):
-            if log.is_file() and "ready" in log.read_text():
+            if log.is_file() and "handler installed" in log.read_text():
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             time.sleep(0.05)
 
     threading.Thread(target=terminate_when_ready, daemon=True).start()
-    assert pf.run_child([sys.executable, "-c", child], log) == pf.STOPPED
+    try:
+        assert pf.run_child([sys.executable, "-c", child], log) == pf.STOPPED
+        assert pf.STOP_REQUESTED == [signal.SIGTERM]  # the plan stops after this command even if it finished
+    finally:
+        pf.STOP_REQUESTED.clear()
     assert "got TERM" in log.read_text()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the script's own handler is put back
 

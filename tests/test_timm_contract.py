@@ -12,7 +12,7 @@ from timm.data import resolve_data_config
 import mae_lite  # noqa: F401  (registers the architectures)
 from mae_lite.engine.checkpoint import save_checkpoint
 from mae_lite.errors import UserError
-from mae_lite.models import MOCOV3_ARCHS, RPE_ARCHS, VIT_ARCHS
+from mae_lite.models import MOCOV3_ARCHS, RPE_ARCHS, VIT_ARCHS, capture_attention
 
 NAMES = [*VIT_ARCHS, *RPE_ARCHS, *MOCOV3_ARCHS]
 # one per class and construction path; the other names differ only in width/depth/heads (checked on meta)
@@ -178,3 +178,16 @@ def test_missing_file_is_one_line(tmp_path):
         timm.create_model("vit_tiny_patch16.mae_lite_ft_in1k", pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "nope.pth.tar")))
     assert "nope.pth.tar not found" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.cuda
+def test_captured_logits_on_cuda_with_fused_attention_match_the_explicit_path():
+    m = small("vit_tiny_patch16").cuda()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    with capture_attention(m, [1]) as caught:
+        out = m(x)
+    assert m.blocks[1].attn.fused_attn and caught[1].requires_grad
+    m.blocks[1].attn.fused_attn = False  # timm's explicit softmax(q k^T s) v gives the same network output
+    torch.testing.assert_close(m(x), out, rtol=1e-4, atol=1e-4)
+    caught[1].square().sum().backward()
+    assert m.blocks[1].attn.qkv.weight.grad.abs().sum() > 0  # gradients flow through the captured logits

@@ -14,7 +14,7 @@ from mae_lite.engine.dist import DistEnv
 from mae_lite.engine.loader import EpochSampler, TrainLoader
 from mae_lite.engine.loop import train
 from mae_lite.engine.step import check_accum, choose_precision, compile_network, global_settings
-from mae_lite.errors import UserError
+from mae_lite.errors import Stopped, UserError
 from mae_lite.recipes import Finetune, MaeLiteDemo
 
 TINY = dict(depth=2, demo_samples=32, batch_size=8, max_epoch=1, num_workers=0, vis_images=0,
@@ -99,6 +99,22 @@ def test_accum_iter_4_gives_the_weights_of_one_batch_of_4x(tmp_path):
         torch.testing.assert_close(four["model"][k], v, rtol=1e-4, atol=2e-5, msg=k)
     assert {float(s["step"]) for s in four["optimizer"]["state"].values()} == {4.0}  # 32 images / 8 per step
     assert four["iters_per_epoch"] == 4 and four["config"]["accum_iter"] == 4
+
+
+def test_sigterm_mid_epoch_with_accum_iter_resumes_bit_for_bit(tmp_path):
+    """The checkpoint counts optimizer steps; --resume starts the sampler after their micro-batches."""
+    from test_preemption import _PreemptedDemo
+
+    opts = dict(TINY, demo_samples=64, output_dir=str(tmp_path), accum_iter=2, print_interval=1)
+    train(MaeLiteDemo(**opts, exp_name="straight"), DistEnv())
+    with pytest.raises(Stopped):  # image 20 is in micro-batch 5 (images 17-20): optimizer step 3
+        train(_PreemptedDemo(**opts, exp_name="cut", at=20), DistEnv())
+    cut = load_checkpoint(tmp_path / "cut" / "last_epoch_ckpt.pth.tar")
+    assert (cut["start_epoch"], cut["iteration"], cut["iters_per_epoch"]) == (0, 3, 8)
+    assert {float(s["step"]) for s in cut["optimizer"]["state"].values()} == {3.0}
+    train(MaeLiteDemo(**opts, exp_name="cut"), DistEnv(), resume_requested=True)
+    a, b = (load_checkpoint(tmp_path / n / "last_epoch_ckpt.pth.tar")["model"] for n in ("straight", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_accum_iter_refuses_batches_that_do_not_split():

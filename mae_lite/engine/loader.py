@@ -105,6 +105,13 @@ class TrainLoader:
     def __iter__(self):
         return iter(self.loader)
 
+    def close(self) -> None:
+        """Stop the persistent workers now (a stopped run's traceback would keep them alive)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
 
 def make_loader(dataset, batch: int, env: DistEnv, workers: int, train: bool, collate_fn=None,
                 seed: Optional[int] = 0):

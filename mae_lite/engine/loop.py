@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..errors import NonFiniteLoss, Stopped, UserError
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .compute import Compute, flop_counter
-from .dist import DistEnv, barrier, rank_agreement
+from .dist import STOP_SIGNALS, DistEnv, barrier, rank_agreement
 from .epoch_end import _warn_slow_loader, checkpoint_state, end_of_epoch, visual_batch  # noqa: F401 (re-export)
 from .evaluate import eval_loader
 from .loader import make_loader
@@ -130,6 +130,8 @@ def train(recipe, env: DistEnv, *, resume: Optional[str] = None, init_ckpt: Opti
                     end_of_epoch(run, epoch, stop_now, save_now)
             finally:
                 run.stopper.close()
+                if hasattr(run.loader, "close"):
+                    run.loader.close()
                 if run.tb:
                     run.tb.close()
             return _finish(run, t_start)
@@ -300,6 +302,9 @@ def train_epoch(run: Run, epoch: int) -> tuple[bool, bool]:
                 flags = _sync(run, epoch, it, window, logs, timer, data_s, bar)
                 window, data_s = [], 0.0
                 timer.start()
+                t_prev = time.perf_counter()  # the read and the log line are no data wait
+        if window:  # a loader that ended early: check what is left before anything is saved
+            flags = _sync(run, epoch, it - 1, window, logs, timer, data_s, bar)
     return flags
 
 
@@ -436,12 +441,12 @@ def _finish(run: Run, t_start: float) -> RunResult:
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 (what schedulers send before preempting a job) and SIGINT ask the run to stop with a
-    checkpoint at the next read of the flags (every print_interval steps, or sooner when steps are slow: at most
-    about STOP_CHECK_SECONDS apart); `interval_minutes` asks for a checkpoint that often, mid-epoch too.
+    """SIGTERM / SIGUSR1 / SIGHUP / SIGQUIT (what schedulers and torchrun send before preempting a job) and SIGINT
+    ask the run to stop with a checkpoint at the next read of the flags (every print_interval steps, or sooner
+    when steps are slow: about STOP_CHECK_SECONDS apart); `interval_minutes` asks for a checkpoint that often.
     Handlers are installed only in the main thread and put back on `close()`."""
 
-    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
+    SIGNALS = STOP_SIGNALS  # TERM, USR1, INT, HUP, QUIT (what torchrun and SLURM send; engine/dist.py)
 
     def __init__(self, interval_minutes: Optional[float] = None):
         self.received: Optional[int] = None

@@ -2,6 +2,8 @@
 torch.compile, the resumable per-epoch seeded loader, deterministic mode (docs/training.md)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 from torch.utils.data import DistributedSampler, TensorDataset
@@ -105,16 +107,31 @@ def test_sigterm_mid_epoch_with_accum_iter_resumes_bit_for_bit(tmp_path):
     """The checkpoint counts optimizer steps; --resume starts the sampler after their micro-batches."""
     from test_preemption import _PreemptedDemo
 
-    opts = dict(TINY, demo_samples=64, output_dir=str(tmp_path), accum_iter=2, print_interval=1)
+    opts = dict(TINY, output_dir=str(tmp_path), accum_iter=2, print_interval=1)
     train(MaeLiteDemo(**opts, exp_name="straight"), DistEnv())
-    with pytest.raises(Stopped):  # image 20 is in micro-batch 5 (images 17-20): optimizer step 3
-        train(_PreemptedDemo(**opts, exp_name="cut", at=20), DistEnv())
+    with pytest.raises(Stopped):  # image 12 is in micro-batch 3 (images 9-12): optimizer step 2 of 4
+        train(_PreemptedDemo(**opts, exp_name="cut", at=12), DistEnv())
     cut = load_checkpoint(tmp_path / "cut" / "last_epoch_ckpt.pth.tar")
-    assert (cut["start_epoch"], cut["iteration"], cut["iters_per_epoch"]) == (0, 3, 8)
-    assert {float(s["step"]) for s in cut["optimizer"]["state"].values()} == {3.0}
+    assert (cut["start_epoch"], cut["iteration"], cut["iters_per_epoch"]) == (0, 2, 4)
+    assert {float(s["step"]) for s in cut["optimizer"]["state"].values()} == {2.0}
     train(MaeLiteDemo(**opts, exp_name="cut"), DistEnv(), resume_requested=True)
     a, b = (load_checkpoint(tmp_path / n / "last_epoch_ckpt.pth.tar")["model"] for n in ("straight", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_accumulate_with_no_sync(tmp_path):
+    """-b 16 over 2 processes x accum_iter 2: micro-batches of 4, DDP's all-reduce on every second one only."""
+    import sys
+
+    from _proc import run_process
+
+    proc = run_process([sys.executable, "-m", "mae_lite.cli.train", "-d", "cpu:2", "-f", "mae_lite_demo", "-b", "16",
+                        "-e", "1", "--exp-options", f"output_dir={tmp_path}", "exp_name=ddp", "depth=2",
+                        "demo_samples=64", "num_workers=0", "vis_images=0", "accum_iter=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "ddp" / "last_epoch_ckpt.pth.tar")
+    assert {float(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {4.0}  # 64 images / 16 per step
+    assert "in 2 micro-batches of 4" in proc.stdout + proc.stderr
 
 
 def test_accum_iter_refuses_batches_that_do_not_split():
@@ -156,7 +173,9 @@ def test_amp_picks_bf16_without_scaler_and_amp_dtype_overrides(monkeypatch):
     fp16 = choose_precision(True, "fp16", cpu)
     assert fp16.dtype is torch.float16 and fp16.scaler.is_enabled()
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a pre-Ampere GPU
-    assert choose_precision(True, None, torch.device("cuda")).dtype is torch.float16
+    with warnings.catch_warnings():  # GradScaler("cuda") without CUDA: disabled, with a warning
+        warnings.simplefilter("ignore")
+        assert choose_precision(True, None, torch.device("cuda")).dtype is torch.float16
     with pytest.raises(UserError, match="amp_dtype"):
         MaeLiteDemo(amp_dtype="fp8")
 

@@ -270,9 +270,11 @@ def test_eval_divides_loader_workers_by_the_local_processes(tmp_path, monkeypatc
 
 
 # ----- preemption under torchrun ---------------------------------------------------------------------------------
-def test_sigterm_to_torchrun_reaches_both_workers_which_save_within_its_grace_period(tmp_path):
-    """torchrun forwards SIGTERM to its workers and SIGKILLs them `--shutdown-timeout` seconds later (30 by default;
-    10 here): both stop after an agreed step and rank 0 saves a mid-epoch checkpoint within that window."""
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_signal_to_torchrun_reaches_both_workers_which_save_within_its_grace_period(tmp_path, name):
+    """torchrun forwards SIGTERM (and SIGINT, SIGHUP, SIGQUIT) as it is to its workers and SIGKILLs them
+    `--shutdown-timeout` seconds later (30 by default; 10 here): both stop after an agreed step and rank 0 saves a
+    mid-epoch checkpoint within that window."""
     import signal
     import subprocess
 
@@ -289,11 +291,11 @@ def test_sigterm_to_torchrun_reaches_both_workers_which_save_within_its_grace_pe
             if logs and " it 3/64 " in logs[0].read_text():
                 break
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, name))
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert "stopped by SIGTERM" in err and "continue with --resume" in err, err[-3000:]
+    assert f"stopped by {name}" in err and "continue with --resume" in err, err[-3000:]
     ckpt = torch.load(tmp_path / "tr" / "last_epoch_ckpt.pth.tar", map_location="cpu", weights_only=False)
     assert 0 < ckpt["iteration"] < 64 and len(ckpt["rng"]) == 2  # mid-epoch, both ranks' random state

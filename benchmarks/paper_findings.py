@@ -513,9 +513,12 @@ def compare(high: list[float], low: list[float]) -> tuple[str, str]:
     if not high or not low:
         return "not measured", "a run is missing or failed"
     gap = statistics.fmean(high) - statistics.fmean(low)
+    single = min(len(high), len(low)) == 1
     if min(high) > max(low):
-        return AGREES, f"gap {gap:+.1f} points, seed ranges apart"
-    if gap <= 0:
+        return AGREES, f"gap {gap:+.1f} points, " + ("one seed, no spread" if single else "seed ranges apart")
+    if gap == 0:
+        return DISAGREES, "no difference"
+    if gap < 0:
         return DISAGREES, f"gap {gap:+.1f} points: the opposite order"
     return DISAGREES, f"gap {gap:+.1f} points, within the seed spread"
 
@@ -648,7 +651,9 @@ def table_rows(r: Results) -> list[Row]:
     rows = [Row("1. MAE-Lite pre-training + impr. beats impr. from scratch (data-sufficient)",
                 "ImageNet top-1 78.0 vs 75.8", ft_setup, f"{mean_sd(mae)} vs {mean_sd(scratch)}",
                 *compare(mae, scratch))]
-    targets = {"digits": f"scikit-learn 8x8 digits at 28 px, 901 train / 896 eval, {s.digits_epochs} ep",
+    digits_train = f"{s.digits_shots}-shot" if s.digits_shots else "901 train"
+    targets = {"digits": f"scikit-learn 8x8 digits at 28 px, {digits_train} / {s.digits_eval or 896} eval, "
+                         f"{s.digits_epochs} ep",
                f"fewshot{s.shots}": f"Fashion-MNIST {s.shots}-shot (10 classes) from held-out test images, "
                                     f"{s.eval_images} eval, {s.fewshot_epochs} ep"}
     tr = lambda t, m: r.top1(f"transfer/{t}/{m.lower()}")  # noqa: E731
@@ -670,7 +675,8 @@ def table_rows(r: Results) -> list[Row]:
     sup_curves = [c for c in (r.cka_diag("MAE-Tiny", f"Supervised-s{i}") for i in range(min(2, s.seeds))) if c]
     rows.append(Row("4. MAE's higher layers learn weaker semantics: layer CKA to the supervised model falls",
                     "figure: CKA MAE-Tiny vs DeiT-Tiny high in lower, low in higher layers",
-                    f"`ssl_vis_cka`, {s.cka_images} eval images, layers 0-{s.depth}, vs 2 supervised seeds",
+                    f"`ssl_vis_cka`, {s.cka_images} eval images, layers 0-{s.depth}, vs {len(sup_curves)} "
+                    "supervised seed(s)",
                     "diagonal: " + "; ".join(" ".join(f"{v:.2f}" for v in c) for c in sup_curves) if sup_curves
                     else "not measured", *falls_verdict(sup_curves)))
     sup_knn = [c for c in (r.knn(f"Supervised-s{i}") for i in range(min(2, s.seeds))) if c]

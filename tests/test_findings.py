@@ -38,6 +38,8 @@ def test_compare_needs_seed_ranges_apart(pf):
     assert verdict == pf.DISAGREES and why == "gap +1.8 points, within the seed spread"
     assert pf.compare([60.0, 61.0], [62.0, 63.0]) == (pf.DISAGREES, "gap -2.0 points: the opposite order")
     assert pf.compare([], [1.0])[0] == "not measured"
+    assert pf.compare([5.0], [5.0]) == (pf.DISAGREES, "no difference")
+    assert pf.compare([6.0], [5.0]) == (pf.AGREES, "gap +1.0 points, one seed, no spread")
 
 
 def test_mean_sd_formats_sample_sd(pf):

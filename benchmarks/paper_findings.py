@@ -75,7 +75,8 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(pre_images=128, pre_epochs=1, teacher_epochs=1, ft_epochs=1, eval_images=64, heldout_images=300,
-              digits_epochs=1, digits_shots=2, digits_eval=64, shots=2, fewshot_epochs=1, pre_batch=32, ft_batch=32, transfer_batch=16,
+              digits_epochs=1, digits_shots=2, digits_eval=64, shots=2, fewshot_epochs=1, pre_batch=32, ft_batch=32,
+              transfer_batch=16,
               knn_images=64, attn_images=16, cka_images=32, blocks=(0, 6))
 
 
@@ -159,7 +160,8 @@ def pretrain_runs(s: Sizes, lay: Layout) -> list[Run]:
                   images / RATE["mae_tiny"]),
         train_run("pretrain/mae_small_teacher", "pretrain", "mae_lite", s.pre_batch, s.teacher_epochs,
                   [*base, warm(s.teacher_epochs), "exp_name=mae_small_teacher", "encoder_arch=mae_vit_small_patch16",
-                   "vis_images=0"], lay.runs / "mae_small_teacher", s.pre_images * s.teacher_epochs / RATE["mae_small"]),
+                   "vis_images=0"], lay.runs / "mae_small_teacher",
+                  s.pre_images * s.teacher_epochs / RATE["mae_small"]),
         train_run("pretrain/dmae_tiny", "pretrain", "mae_lite_distill", s.pre_batch, s.pre_epochs,
                   [*base, warm(s.pre_epochs), "exp_name=dmae_tiny", "vis_images=0", *teacher], lay.runs / "dmae_tiny",
                   images / RATE["distill"], needs=[lay.ckpt("mae_small_teacher")]),
@@ -381,7 +383,8 @@ def execute(run: Run, lay: Layout, index: int, total: int, elapsed_s: float = 0.
     if run.ckpt is not None:
         state = checkpoint_summary(run.ckpt) or {}
         scored = run.step in ("finetune", "transfer")  # pre-training checkpoints hold no evaluation
-        record.update({k: state.get(k) for k in (("best_top1", "best_top5", "start_epoch") if scored else ("start_epoch",))})
+        keys = ("best_top1", "best_top5", "start_epoch") if scored else ("start_epoch",)
+        record.update({k: state.get(k) for k in keys})
     write_json(result_path, record)
     shown = f", top-1 {record['best_top1']:.2f}" if record.get("best_top1") is not None else ""
     print(f"{tag}: done" + (f" in {seconds:.0f} s" if seconds else " (collected)") + shown, flush=True)
@@ -543,7 +546,8 @@ def lower_layers_verdict(by_k, full, scratch, depth) -> tuple[str, str, list[flo
         return DISAGREES, f"no clear gain to share ({why})", shares
     if all(x > 0.5 for x in shares):
         return AGREES, f"first {depth // 2} blocks keep {min(shares):.0%}-{max(shares):.0%} of the gain", shares
-    return DISAGREES, f"first {depth // 2} blocks keep {min(shares):.0%}-{max(shares):.0%} of the gain (not > 50 %)", shares
+    kept = f"first {depth // 2} blocks keep {min(shares):.0%}-{max(shares):.0%} of the gain"
+    return DISAGREES, kept + " (not > 50 %)", shares
 
 
 def halves(curve: list[float]) -> tuple[float, float]:
@@ -580,7 +584,8 @@ def upper_cka_verdict(distilled: Optional[list[float]], plain: Optional[list[flo
     if not distilled or not plain:
         return "not measured", "a run is missing or failed"
     d, p = halves(distilled)[1], halves(plain)[1]
-    return (AGREES if d > p else DISAGREES), f"upper-half CKA to the teacher {d:.2f} vs {p:.2f} (one run each, no spread)"
+    why = f"upper-half CKA to the teacher {d:.2f} vs {p:.2f} (one run each, no spread)"
+    return (AGREES if d > p else DISAGREES), why
 
 
 # ----- the table -----------------------------------------------------------------------------------------------------
@@ -667,9 +672,11 @@ def table_rows(r: Results) -> list[Row]:
     by_k = {k: r.top1(f"ft/mae_tiny/k{k}") for k in s.blocks}
     verdict, why, shares = lower_layers_verdict(by_k, mae, scratch, s.depth)
     curve = ", ".join(f"k={k}: {mean_sd(v)}" for k, v in by_k.items())
-    rows.append(Row("3. lower layers matter more (data-sufficient): first k pre-trained blocks loaded, rest re-initialised",
+    rows.append(Row("3. lower layers matter more (data-sufficient): first k pre-trained blocks loaded, the rest "
+                    "re-initialised",
                     "figure: loading the lower blocks keeps most of the gain (no table number)",
-                    f"as 1 with `load_blocks=k` (the embeddings always load; k=0: nothing else); k={s.depth} is row 1's run",
+                    f"as 1 with `load_blocks=k` (the embeddings always load; k=0: nothing else); k={s.depth} is "
+                    "row 1's run",
                     f"{curve}, k={s.depth}: {mean_sd(mae)}, scratch: {mean_sd(scratch)}; share of the gain at "
                     f"k={s.depth // 2}: {mean_sd([100 * x for x in shares])} %", verdict, why))
     sup_curves = [c for c in (r.cka_diag("MAE-Tiny", f"Supervised-s{i}") for i in range(min(2, s.seeds))) if c]
@@ -834,7 +841,8 @@ def write_doc(r: Results, doc: Path, plots: list[Path], wall: dict, quick: bool)
     rows = table_rows(r)
     rel = lambda p: os.path.relpath(p, doc.parent)  # noqa: E731
     lines = ["# The paper's findings at small scale", "",
-             "Produced by `python benchmarks/paper_findings.py" + (" --quick" if quick else "") + "` (`make findings`); "
+             "Produced by `python benchmarks/paper_findings.py" + (" --quick" if quick else "")
+             + "` (`make findings`); "
              "every number below comes from that run, nothing is tuned after the fact. A claim that does not "
              "reproduce at this scale is reported as such.", "",
              f"- date: {now()}", f"- commit: {commit()}", f"- machine: {machine()}",
@@ -846,7 +854,8 @@ def write_doc(r: Results, doc: Path, plots: list[Path], wall: dict, quick: bool)
              "reversed or within the spread). Rows judged on one run say so.", "",
              markdown_table(rows), ""]
     if quick:
-        lines[2:2] = ["**Quick mode (toy sizes): these numbers only show that every step runs; they are not findings.**",
+        lines[2:2] = ["**Quick mode (toy sizes): these numbers only show that every step runs; they are not "
+                      "findings.**",
                       ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({rel(p)})" for p in plots] + [""]
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -871,8 +880,10 @@ def print_plan(runs: list[Run], lay: Layout) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="every step at toy size (minutes); not findings")
-    p.add_argument("--only", nargs="+", choices=STEPS, default=None, help="run only these steps (data is always prepared)")
-    p.add_argument("--out", default=None, help="working folder (default outputs/findings, quick: outputs/findings_quick)")
+    p.add_argument("--only", nargs="+", choices=STEPS, default=None,
+                   help="run only these steps (data is always prepared)")
+    p.add_argument("--out", default=None,
+                   help="working folder (default outputs/findings, quick: outputs/findings_quick)")
     p.add_argument("--doc", default=None, help="the page to write (default docs/findings.md, quick: <out>/findings.md)")
     p.add_argument("--data-root", default="./data", help="data_root of the recipes (Fashion-MNIST is also found in "
                                                          "Debian's /usr/share/datasets/fashion-mnist)")

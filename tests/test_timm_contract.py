@@ -98,11 +98,14 @@ def test_features_only_and_intermediates_equal_the_blocks(name):
 def test_grad_checkpointing_gives_equal_outputs_and_gradients(name):
     m = small(name).train()
     x = torch.randn(2, 3, 32, 32)
-    m(x).square().sum().backward()
+    plain = m(x)
+    plain.square().sum().backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
     m.set_grad_checkpointing(True)
-    m(x).square().sum().backward()
+    ckpt = m(x)
+    torch.testing.assert_close(ckpt, plain)
+    ckpt.square().sum().backward()
     assert grads
     for n, p in m.named_parameters():
         if n in grads:

@@ -504,6 +504,8 @@ def prepare_data(s: Sizes, lay: Layout, data_root: str) -> None:
 def mean_sd(values: list[float]) -> str:
     if not values:
         return "not measured"
+    if any(math.isnan(v) for v in values):  # a share of a gain that is not there
+        return "undefined (no gain over scratch)"
     m = statistics.fmean(values)
     if len(values) == 1:
         return f"{m:.1f} (1 seed)"

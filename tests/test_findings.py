@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -46,6 +47,7 @@ def test_mean_sd_formats_sample_sd(pf):
     assert pf.mean_sd([70.0, 72.0]) == "71.0 ± 1.4"  # sample sd of 70, 72: sqrt(2) = 1.41
     assert pf.mean_sd([55.55]) == "55.5 (1 seed)"
     assert pf.mean_sd([]) == "not measured"
+    assert pf.mean_sd([0.5, float("nan")]) == "undefined (no gain over scratch)"
 
 
 def test_lower_layers_share_of_the_gain_per_seed(pf):
@@ -56,8 +58,8 @@ def test_lower_layers_share_of_the_gain_per_seed(pf):
     assert verdict == pf.DISAGREES and "50%-70%" in why  # 0.5 is not more than half
     verdict, why, _ = pf.lower_layers_verdict({6: [61.0, 60.0]}, full, scratch, 12)
     assert verdict == pf.AGREES and why == "first 6 blocks keep 60%-70% of the gain"
-    verdict, why, _ = pf.lower_layers_verdict({6: [61.0, 60.0]}, [70.0, 41.0], scratch, 12)  # no clear gain
-    assert verdict == pf.DISAGREES and why.startswith("no clear gain")
+    verdict, why, shares = pf.lower_layers_verdict({6: [61.0, 60.0]}, [70.0, 41.0], scratch, 12)  # no clear gain
+    assert verdict == pf.DISAGREES and why.startswith("no clear gain") and math.isnan(shares[1])
 
 
 def test_layer_curve_verdicts(pf):

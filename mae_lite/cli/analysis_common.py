@@ -87,7 +87,7 @@ def load_model(recipe: Recipe, ckpt: Optional[str], device: torch.device, what: 
     else:
         state = checkpoint if checkpoint is not None else load_checkpoint(ckpt)
         check_encoder_compatible(state.get("arch"), net, ckpt)
-        report = load_pretrained(net, state, prefix=recipe.weights_prefix)
+        report = load_pretrained(net, state, prefix=recipe.weights_prefix, ema=recipe.weights_ema)
         left = [k for k in report.missing if k.startswith(("blocks.", "patch_embed."))]
         if left:
             raise UserError(f"{ckpt} does not fill {len(left)} encoder tensors of this recipe's model (e.g. {left[0]}); "

@@ -10,11 +10,13 @@ from ..engine.log import LOGGER
 from ..errors import UserError
 from ..methods import MAE
 from ..models.mae import MAE_ARCHS
+from ..models.mae_d2 import MAE_D2_ARCHS
 from .base import Recipe
 
 
 class MaeLite(Recipe):
     name: ClassVar[str] = "mae_lite"
+    d2_student: ClassVar[bool] = False  # the recipe trains the D²-MAE student (mae_lite_distill_d2)
     aliases: ClassVar[tuple[str, ...]] = ("mae_lite_exp.py", "mae_lite_exp")
     uint8_batches: ClassVar[bool] = True
 
@@ -42,6 +44,9 @@ class MaeLite(Recipe):
         super().validate()
         if self.encoder_arch not in MAE_ARCHS:
             raise UserError(f"encoder_arch {self.encoder_arch!r} is not an MAE model; use one of {', '.join(MAE_ARCHS)}")
+        if self.encoder_arch in MAE_D2_ARCHS and not self.d2_student:  # its blocks 9-13 learn only from a teacher
+            raise UserError(f"encoder_arch {self.encoder_arch!r} is the D²-MAE student: train it with "
+                            "-f mae_lite_distill_d2")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise UserError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.hflip <= 1.0:

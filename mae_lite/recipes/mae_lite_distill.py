@@ -16,6 +16,7 @@ from ..engine.log import LOGGER
 from ..errors import UserError
 from ..methods import MAEDistill
 from ..models.mae import MAE_ARCHS, MaskedAutoencoderViT
+from ..models.mae_d2 import MAE_D2_ARCHS
 from .mae_lite import MaeLite
 
 TEACHER_HELP = ("an MAE encoder checkpoint in the official format {'model': flat keys}, e.g. the authors' "
@@ -42,6 +43,9 @@ class MaeLiteDistill(MaeLite):
         super().validate()
         if self.teacher_arch not in MAE_ARCHS:
             raise UserError(f"teacher_arch {self.teacher_arch!r} is not an MAE model; use one of {', '.join(MAE_ARCHS)}")
+        if self.teacher_arch in MAE_D2_ARCHS:
+            raise UserError(f"teacher_arch {self.teacher_arch!r} is a D²-MAE student, not a teacher; use a plain MAE "
+                            "such as mae_vit_base_patch16")
         if self.teacher_depth is not None and self.teacher_depth < 1:
             raise UserError(f"teacher_depth must be >= 1 (or None), got {self.teacher_depth}")
         depth = self.depth or MAE_ARCHS[self.encoder_arch]["depth"]

@@ -18,6 +18,7 @@ from .mae_lite_distill import MaeLiteDistill
 class MaeLiteDistillD2(MaeLiteDistill):
     name: ClassVar[str] = "mae_lite_distill_d2"
     aliases: ClassVar[tuple[str, ...]] = ("mae_lite_distill_d2_exp.py", "mae_lite_distill_d2_exp")
+    d2_student: ClassVar[bool] = True
 
     encoder_arch: str = "mae_vit_tiny_d13_patch16"  # 12 full blocks + the logits-only 13th
     decode_idx: Optional[int] = None  # None: the architecture's (8): the decoder reads norm(block 8's output)

@@ -12,6 +12,7 @@
 #                           >= 20,000 img/s on one H100/H200), then bf16 eager
 #   pretrain_compiled       the 300 steps again with compile=True (skipped if the recipe has no `compile` option)
 #   finetune_ema, eval_ema  fine-tuning steps with model_ema=True from pretrain_eager's checkpoint; ssl_eval --ema
+#   data_speed_gpu          benchmarks/data_speed.py --device cuda (nvJPEG decode + crop/resize/flip on the GPU)
 #   bench_fp16_eager, bench_fp16_compiled
 # Writes benchmarks/results/gpu_check.json (steps, status, seconds, parsed numbers) and prints it. No step runs past
 # GPU_CHECK_LIMIT seconds from the start (default 460: its timeout is cut to what is left, and a step with under
@@ -138,6 +139,14 @@ else
   else
     skip_step eval_ema "no fine-tuning checkpoint"
   fi
+fi
+
+# ----- the GPU JPEG decode path (issue: >= 20,000 img/s decoded and augmented at 224 px) ---------------------------
+if [ "$MODE" = cpu ]; then
+  skip_step data_speed_gpu "the GPU decode row needs CUDA"
+else
+  run_step data_speed_gpu 90 "$PYTHON" benchmarks/data_speed.py --device cuda --no-shards --rounds 1 \
+    --out "$WORK/data_speed_gpu.json"
 fi
 
 # ----- the rest of the step benchmark ----------------------------------------------------------------------------

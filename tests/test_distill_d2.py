@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mae_lite.cli.analysis_common import load_model
 from mae_lite.cli.train import main as ssl_train
 from mae_lite.engine.checkpoint import load_checkpoint
+from mae_lite.errors import UserError
 from mae_lite.methods.distill_d2 import MAEDistillD2
 from mae_lite.models.mae_d2 import MaskedAutoencoderViTD2
 from mae_lite.recipes import FinetuneMAE, resolve_recipe
@@ -126,6 +127,12 @@ def test_recipe_values_aliases_and_refusals():
             r.update(options)
         assert "\n" not in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
     assert r.distill_std_attn_idx == (13,)
+    # the student's blocks 9-13 learn only from a teacher: plain MAE and D-MAE refuse it as student and teacher
+    for recipe, options in [("mae_lite", {"encoder_arch": "mae_vit_tiny_d13_patch16"}),
+                            ("mae_lite_distill", {"encoder_arch": "mae_vit_tiny_d13_patch16"}),
+                            ("mae_lite_distill", {"teacher_arch": "mae_vit_tiny_d13_patch16"})]:
+        with pytest.raises(UserError, match="D²-MAE student"):
+            resolve_recipe(recipe)(**options)
 
 
 def test_cli_run_and_finetuning_loads_12_blocks_skipping_the_13th(tmp_path):

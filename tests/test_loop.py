@@ -15,7 +15,8 @@ from mae_lite.engine.checkpoint import load_checkpoint
 from mae_lite.engine.dist import DistEnv
 from mae_lite.engine.loader import EpochSampler, TrainLoader
 from mae_lite.engine.loop import train
-from mae_lite.engine.step import check_accum, choose_precision, compile_network, global_settings
+from mae_lite.engine.evaluate import evaluate
+from mae_lite.engine.step import autocast_dtype, check_accum, choose_precision, compile_network, global_settings
 from mae_lite.errors import Stopped, UserError
 from mae_lite.recipes import Finetune, MaeLiteDemo
 
@@ -178,6 +179,19 @@ def test_amp_picks_bf16_without_scaler_and_amp_dtype_overrides(monkeypatch):
         assert choose_precision(True, None, torch.device("cuda")).dtype is torch.float16
     with pytest.raises(UserError, match="amp_dtype"):
         MaeLiteDemo(amp_dtype="fp8")
+
+
+def test_evaluation_autocasts_in_the_training_runs_dtype(monkeypatch):
+    """evaluate() under --amp uses the dtype the run trains in (amp_dtype, else the device's best), not a fixed one."""
+    seen = []
+    net = torch.nn.Linear(4, 3)
+    net.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    loader = [(torch.randn(2, 4), torch.tensor([0, 1]))]
+    for amp_dtype, want in [(None, torch.bfloat16), ("fp16", torch.float16), ("bf16", torch.bfloat16)]:
+        evaluate(net, loader, DistEnv(), amp=True, amp_dtype=amp_dtype)
+        assert seen[-1] is want, (amp_dtype, seen[-1])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a pre-Ampere GPU
+    assert autocast_dtype(torch.device("cuda")) is torch.float16 and autocast_dtype(torch.device("cpu")) is torch.bfloat16
 
 
 def test_deterministic_mode_is_on_during_the_run_only():

@@ -63,7 +63,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
         workers = min(recipe.num_workers, cpu_cores() // local_world_size(env))  # shared by the local processes
         loader = eval_loader(recipe.build_eval_dataset(), per_proc, env, workers,
                              collate_fn=recipe.collate_fn())
-        top1, top5 = evaluate(net, loader, env, args.amp, prepare=recipe.eval_batch)
+        top1, top5 = evaluate(net, loader, env, args.amp, prepare=recipe.eval_batch, amp_dtype=recipe.amp_dtype)
         if env.is_main:
             print(f"Top1: {top1:.3f}, Top5: {top5:.3f}")
     finally:

@@ -12,6 +12,7 @@ from .gpu_decode import decode_batch, is_encoded_batch
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors anywhere in a batch (a tensor, two views, a list of detection targets) moved to `device`."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, (list, tuple)):

@@ -185,6 +185,20 @@ def load_pretrained(net: nn.Module, source: str | os.PathLike | dict, prefix: st
     return report
 
 
+def load_trained(net: nn.Module, ckpt_path: str | os.PathLike, recipe_name: str, options: str,
+                 ema: bool = False) -> None:
+    """Load a checkpoint that this recipe trained into `net`, every tensor of the same shape or a one-line refusal
+    (`ssl_eval` of a whole task network: detection, segmentation). `options`: the model options to mention."""
+    state = network_state(select_weights(load_checkpoint(ckpt_path), ema, ckpt_path), "model")
+    own = net.state_dict()
+    bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    if bad or len(state) != len(own):
+        raise UserError(f"{ckpt_path} is not a {recipe_name} checkpoint of this shape ({len(bad)} keys missing or "
+                        f"of another shape, e.g. {(bad or list(state))[0]}); train one with ssl_train -f {recipe_name}, "
+                        f"and give the same model options ({options}, ...)")
+    net.load_state_dict(state)
+
+
 def checkpoint_path(output_path: Path, resume: Optional[str]) -> Path:
     """`--resume` alone: <output>/last_epoch_ckpt.pth.tar; with a value: that file, else <output>/<value>."""
     if resume in (None, "", "auto"):

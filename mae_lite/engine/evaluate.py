@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .dist import DistEnv
+from .step import autocast_dtype
 
 
 class ShardSampler(Sampler):
@@ -32,19 +33,19 @@ def eval_loader(dataset: Dataset, batch: int, env: DistEnv, workers: int, collat
 
 @torch.no_grad()
 def evaluate(net: nn.Module, loader: DataLoader, env: DistEnv, amp: bool = False,
-             prepare: Optional[Callable] = None) -> tuple[float, float]:
+             prepare: Optional[Callable] = None, amp_dtype: Optional[str] = None) -> tuple[float, float]:
     """(top-1, top-5) in percent, from correct counts summed over all processes. `prepare(batch, device)` puts a
     batch on the device as the model takes it (the recipe's `eval_batch`: normalising uint8 images...)."""
     was_training = net.training
     net.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=env.device)  # top-1, top-5, images
-    amp_dtype = torch.float16 if env.device.type == "cuda" else torch.bfloat16
+    dtype = autocast_dtype(env.device, amp_dtype)  # the training run's choice
     for batch in loader:
         if prepare is not None:
             images, target = prepare(batch, env.device)
         else:
             images, target = batch[0].to(env.device, non_blocking=True), batch[1].to(env.device, non_blocking=True)
-        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp):
+        with torch.autocast(env.device.type, dtype=dtype, enabled=amp):
             logits = net(images)
         top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
         hit = top.eq(target[:, None])

@@ -34,6 +34,14 @@ class Precision:
         return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
 
 
+def autocast_dtype(device: torch.device, amp_dtype: Optional[str] = None) -> torch.dtype:
+    """The --amp dtype: `amp_dtype` ("bf16" / "fp16") when given, else bfloat16 where the device has it (CPUs,
+    Ampere and later GPUs) and float16 elsewhere. Training and evaluation both ask here."""
+    if amp_dtype is None:
+        amp_dtype = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+    return torch.bfloat16 if amp_dtype == "bf16" else torch.float16
+
+
 def choose_precision(amp: bool, amp_dtype: Optional[str], device: torch.device) -> Precision:
     """--amp: bfloat16 autocast without GradScaler where the device has bfloat16 (CPUs, Ampere and later GPUs),
     else float16 with GradScaler; `amp_dtype` ("bf16" / "fp16") overrides the choice."""
@@ -41,10 +49,7 @@ def choose_precision(amp: bool, amp_dtype: Optional[str], device: torch.device) 
         if amp_dtype:
             LOGGER.info("notice: amp_dtype=%s has no effect without --amp", amp_dtype)
         return Precision(None, torch.amp.GradScaler(device.type, enabled=False))
-    if amp_dtype is None:
-        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
-        amp_dtype = "bf16" if bf16 else "fp16"
-    dtype = torch.bfloat16 if amp_dtype == "bf16" else torch.float16
+    dtype = autocast_dtype(device, amp_dtype)
     if device.type == "cpu" and dtype is torch.bfloat16:
         LOGGER.info("--amp on CPU: bfloat16 autocast (no GradScaler); without AMX it is slower than fp32")
     return Precision(dtype, torch.amp.GradScaler(device.type, enabled=dtype is torch.float16))

@@ -235,7 +235,7 @@ class Recipe:
         Default: top-1/top-5 of the method's network `.model` on a classification split."""
         from ..engine.evaluate import evaluate
 
-        top1, top5 = evaluate(method.model, loader, env, amp, prepare=self.eval_batch)
+        top1, top5 = evaluate(method.model, loader, env, amp, prepare=self.eval_batch, amp_dtype=self.amp_dtype)
         return {"top1": top1, "top5": top5}
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..data.coco import CocoDetection, LargeScaleJitter, collate_detection
-from ..engine.checkpoint import load_checkpoint, load_pretrained, network_state, select_weights
+from ..engine.checkpoint import load_checkpoint, load_pretrained, load_trained
 from ..engine.dist import DistEnv
 from ..engine.log import LOGGER
 from ..engine.optim import build_optimizer
@@ -160,7 +160,9 @@ class MaskRCNNViTDet(Recipe):
         coco_ds = data.dataset if isinstance(data, torch.utils.data.Subset) else data
         was_training = method.training
         method.eval()
-        amp_dtype = torch.float16 if env.device.type == "cuda" else torch.bfloat16
+        from ..engine.step import autocast_dtype
+
+        amp_dtype = autocast_dtype(env.device, self.amp_dtype)  # the training run's choice
         results: list[dict] = []
         image_ids: list[int] = []
         for images, targets in loader:
@@ -188,14 +190,7 @@ class MaskRCNNViTDet(Recipe):
         from ..engine.loop import cpu_cores
 
         method = self.build_model()
-        ckpt = select_weights(load_checkpoint(ckpt_path), self.weights_ema, ckpt_path)
-        state, own = network_state(ckpt, "model"), method.model.state_dict()
-        bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
-        if bad or len(state) != len(own):
-            raise UserError(f"{ckpt_path} is not a {self.name} checkpoint of this shape ({len(bad)} keys missing or "
-                            f"of another shape, e.g. {(bad or list(state))[0]}); train one with ssl_train -f {self.name}, "
-                            "and give the same model options (depth, fpn_dim, ...)")
-        method.model.load_state_dict(state)
+        load_trained(method.model, ckpt_path, self.name, "depth, fpn_dim", ema=self.weights_ema)
         method.to(env.device)
         loader = eval_loader(self.build_eval_dataset(), max(1, self.batch_size // env.world_size), env,
                              min(self.num_workers, cpu_cores()), collate_fn=collate_detection)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.ade20k import ADE20K, CLASSES, RepeatToLength, SegEvalTransform, SegTrainTransform, collate_segmentation
-from ..engine.checkpoint import load_checkpoint, load_pretrained, network_state
+from ..engine.checkpoint import load_checkpoint, load_pretrained, load_trained, network_state
 from ..engine.dist import DistEnv
 from ..engine.log import LOGGER
 from ..engine.optim import build_optimizer, layer_decay_scale, param_groups
@@ -235,7 +235,9 @@ class SemanticFPNViT(Recipe):
         net = method.model
         was_training = method.training
         method.eval()
-        amp_dtype = torch.float16 if env.device.type == "cuda" else torch.bfloat16
+        from ..engine.step import autocast_dtype
+
+        amp_dtype = autocast_dtype(env.device, self.amp_dtype)  # the training run's choice
         areas = SegAreas(self.num_classes, env.device)
         for images, labels in loader:
             for image, label in zip(images, labels):
@@ -266,13 +268,8 @@ class SemanticFPNViT(Recipe):
         from ..engine.loop import cpu_cores
 
         method = self.build_model()
-        state, own = network_state(load_checkpoint(ckpt_path), "model"), method.model.state_dict()
-        bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
-        if bad or len(state) != len(own):
-            raise UserError(f"{ckpt_path} is not a {self.name} checkpoint of this shape ({len(bad)} keys missing or "
-                            f"of another shape, e.g. {(bad or list(state))[0]}); train one with ssl_train -f {self.name}, "
-                            "and give the same model options (depth, patch_size, out_indices, num_classes, ...)")
-        method.model.load_state_dict(state)
+        load_trained(method.model, ckpt_path, self.name, "depth, patch_size, out_indices, num_classes",
+                     ema=self.weights_ema)
         method.to(env.device)
         loader = eval_loader(self.build_eval_dataset(), max(1, self.batch_size // env.world_size), env,
                              min(self.num_workers, cpu_cores()), collate_fn=collate_segmentation)

@@ -95,6 +95,22 @@ def test_training_stops_past_max_bad_images(tmp_path):
     assert "\n" not in msg and "more than max_bad_images=2" in msg and "empty.JPEG" in msg and "max_bad_images=N" in msg
 
 
+def test_resume_continues_the_runs_count_and_limit(tmp_path):
+    """--resume hands the checkpoint's `data` report back to the recipe: the run-wide count and the limit go on."""
+    root = make_tree(tmp_path / "d")
+    first = _recipe(root, max_bad_images=4)
+    ds = first.build_datasets()["train"]
+    _epoch(first, ds, workers=0)
+    saved = first.data_report(DistEnv())  # what the loop stores under `data` in the checkpoint
+    resumed = _recipe(root, max_bad_images=4)
+    resumed.restore_data_report(saved)
+    assert resumed.data_report(DistEnv())["bad_images_total"] == 3  # not 0: the files of before the restart
+    (root / "a" / "late.JPEG").write_bytes(b"")
+    (root / "a" / "later.JPEG").write_bytes(b"")  # 3 + 2 new > 4: the limit counts the files of before the restart
+    with pytest.raises(UserError, match="more than max_bad_images=4"):
+        _epoch(resumed, resumed.build_datasets()["train"], workers=0)
+
+
 def test_a_batch_of_only_bad_images_stops_with_one_line(tmp_path):
     root = make_tree(tmp_path / "d", good=0)
     (root / "a" / "x.JPEG").write_bytes(b"")

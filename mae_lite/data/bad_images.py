@@ -118,9 +118,17 @@ class BadImageCounter:
         self.epoch = {}
         self.check()
         report: dict[str, Any] = {"bad_images": len(local), "bad_images_total": len(self.seen)}
-        if self.seen:
-            report["bad_image_files"] = list(self.seen)[:20]
+        if self.seen:  # every one (at most max_bad_images + 1): --resume restores the run's count from it
+            report["bad_image_files"] = dict(self.seen)
         return report
+
+    def restore(self, report: dict[str, Any]) -> None:
+        """The run's bad files as a checkpoint's `data` report holds them (--resume), so the count and the
+        max_bad_images limit go on across a restart instead of starting from zero."""
+        files = report.get("bad_image_files") or {}
+        if isinstance(files, list):  # first-20 lists of earlier checkpoints: the names, without reasons
+            files = dict.fromkeys(files, "seen before --resume")
+        self.seen = {**dict(files), **self.seen}
 
 
 def load(source: Any, transform, name: str):

@@ -229,6 +229,7 @@ def _resume(run: Run, resume: Optional[str]) -> Optional[dict]:
     run.best = {k: v for k, v in ckpt.items() if k.startswith("best_")} or run.best
     run.compute = Compute.from_state(ckpt.get("compute"))
     run.data_report = ckpt.get("data") or {}
+    run.recipe.restore_data_report(run.data_report)  # run-wide counts (skipped bad images) go on
     run.skip = int(ckpt.get("iteration", 0))
     if run.skip:  # a mid-epoch checkpoint: replay the epoch's data order, then continue from the saved state
         if ckpt.get("iters_per_epoch") != run.iters:

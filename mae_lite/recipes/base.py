@@ -230,6 +230,12 @@ class Recipe:
         ranks (this epoch's, the run's, the first files)."""
         return self.bad_images.report(env)
 
+    def restore_data_report(self, report: dict[str, Any]) -> None:
+        """--resume: the `data` report of the checkpoint (what data_report returned last), so run-wide counts
+        (skipped bad images and their limit) continue."""
+        if report:
+            self.bad_images.restore(report)
+
     def evaluate(self, method: nn.Module, loader, env, amp: bool = False) -> dict[str, float]:
         """Metrics on the eval split, run every `eval_interval` epochs; must contain `primary_metric`.
         Default: top-1/top-5 of the method's network `.model` on a classification split."""

@@ -24,8 +24,9 @@ def end_of_epoch(run, epoch: int, stop_now: bool, save_now: bool) -> None:
     report = recipe.data_report(env)  # e.g. skipped bad images; may stop the run
     if report:
         run.data_report = report
-        shown = {k: (list(v)[:5] if k == "bad_image_files" else v) for k, v in report.items()}
-        LOGGER.info("epoch %d: data %s", epoch + 1, shown)
+        if any(report.values()):  # all-zero counts (a clean data set) are kept in the checkpoint, not logged
+            shown = {k: (list(v)[:5] if k == "bad_image_files" else v) for k, v in report.items()}
+            LOGGER.info("epoch %d: data %s", epoch + 1, shown)
     run.result.epochs_done = epoch + 1
     last = epoch + 1 == recipe.max_epoch
     is_best = evaluate_epoch(run, epoch, last)

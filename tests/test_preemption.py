@@ -95,8 +95,8 @@ def test_resume_mid_epoch_with_another_batch_size_is_refused(tmp_path):
 def test_two_processes_stop_on_a_signal_to_the_launcher_and_resume(tmp_path):
     """SIGTERM to `ssl_train -d cpu:2` reaches both training processes, which agree on the step, save, and exit
     with status 3; --resume finishes the run."""
-    args = [sys.executable, "-m", "mae_lite.cli.train", "-d", "cpu:2", "-f", "mae_lite_demo", "-b", "8", "-e", "3",
-            "--exp-options", f"output_dir={tmp_path}", "exp_name=ddp", "depth=2", "demo_samples=512", "num_workers=0",
+    args = [sys.executable, "-m", "mae_lite.cli.train", "-d", "cpu:2", "-f", "mae_lite_demo", "-b", "8", "-e", "1",
+            "--exp-options", f"output_dir={tmp_path}", "exp_name=ddp", "depth=2", "demo_samples=256", "num_workers=0",
             "print_interval=1", "vis_images=0"]
     env = cli_env()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -105,7 +105,7 @@ def test_two_processes_stop_on_a_signal_to_the_launcher_and_resume(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline:  # wait until training steps are running, then signal the launcher only
             logs = list((tmp_path / "ddp").glob("train_log-*.txt"))
-            if logs and " it 3/64 " in logs[0].read_text():
+            if logs and " it 3/32 " in logs[0].read_text():
                 break
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
@@ -116,8 +116,8 @@ def test_two_processes_stop_on_a_signal_to_the_launcher_and_resume(tmp_path):
     assert proc.returncode == 3, err[-2000:]
     assert "stopped by SIGTERM" in err and "continue with --resume" in err
     ckpt = load_checkpoint(tmp_path / "ddp" / "last_epoch_ckpt.pth.tar")
-    assert len(ckpt["rng"]) == 2 and (ckpt["iteration"] > 0 or ckpt["start_epoch"] > 0)
+    assert len(ckpt["rng"]) == 2 and ckpt["iteration"] > 0 and ckpt["start_epoch"] == 0  # mid-epoch
     at = args.index("--exp-options")
     done = subprocess.run(args[:at] + ["--resume"] + args[at:], capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert load_checkpoint(tmp_path / "ddp" / "last_epoch_ckpt.pth.tar")["start_epoch"] == 3
+    assert load_checkpoint(tmp_path / "ddp" / "last_epoch_ckpt.pth.tar")["start_epoch"] == 1

@@ -212,6 +212,14 @@ def test_ssl_train_and_ssl_eval_on_a_tiny_ade(ade_root, tmp_path, capsys):
     line = r.load_initial_weights(method, str(vit_ckpt))
     assert "skipped 2 (" in line and "decoder_embed.weight" in line and "resized pos_embed (1, 5, 192)->(1, 17, 192)" in line
     assert torch.equal(method.model.backbone.blocks[1].mlp.fc2.weight, backbone["blocks.1.mlp.fc2.weight"])
+    # with --ema (weights_ema=True) the backbone comes from the checkpoint's model_ema, as fine-tuning's does
+    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in pre.items()}
+    save_checkpoint({"model": {f"model.{k}": v for k, v in pre.items()},
+                     "model_ema": {f"model.{k}": v for k, v in ema.items()}}, vit_ckpt)
+    r = resolve_recipe("semantic_fpn_t_160k")(**TINY_KW, weights_ema=True)
+    method = r.build_model()
+    r.load_initial_weights(method, str(vit_ckpt))
+    assert torch.equal(method.model.backbone.blocks[1].mlp.fc2.weight, ema["blocks.1.mlp.fc2.weight"])
 
 
 def _eval_worker(rank: int, world: int, port: int, root: str, out: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
@@ -19,9 +18,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..data.coco import CocoDetection, LargeScaleJitter, collate_detection
-from ..engine.checkpoint import load_checkpoint, load_pretrained, load_trained
+from ..engine.checkpoint import load_pretrained, load_trained
 from ..engine.dist import DistEnv
-from ..engine.log import LOGGER
 from ..engine.optim import build_optimizer
 from ..engine.schedule import WarmupMultiStep
 from ..errors import UserError
@@ -29,7 +27,7 @@ from ..methods.detect import Detect
 from ..models.vit import VIT_ARCHS
 from ..models.vitdet import GLOBAL_BLOCKS, SimpleFeaturePyramid, ViTDetBackbone, build_mask_rcnn
 from .base import Recipe
-from .encoders import check_encoder_compatible
+from .encoders import backbone_checkpoint, require_blocks
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)  # timm's LayerNorm2d is a LayerNorm
@@ -110,19 +108,12 @@ class MaskRCNNViTDet(Recipe):
     def load_initial_weights(self, model: nn.Module, ckpt_path: Optional[str]) -> Optional[str]:
         """Backbone weights from `--ckpt` as fine-tuning loads them (decoder, mask token, head, cls token and
         final norm unused; position embedding resized if its grid differs); relative-position tables stay 0."""
-        if not ckpt_path:
-            LOGGER.info("notice: no --ckpt: the backbone starts from random initialisation (from scratch)")
-            return None
-        if not Path(ckpt_path).is_file():
-            raise UserError(f"--ckpt {ckpt_path}: no such file")
-        ckpt = load_checkpoint(ckpt_path)
         net = model.model.backbone.net
-        check_encoder_compatible(ckpt.get("arch"), net, ckpt_path)
-        report = load_pretrained(net, ckpt, prefix=self.weights_prefix, drop=("decoder", "mask_token", "head"),
-                                 ema=self.weights_ema)
-        if not any(k.startswith("blocks.") for k in report.loaded):
-            raise UserError(f"{ckpt_path}: no block weights matched the backbone ({report.summary}); "
-                            "check weights_prefix (model, base_encoder for MoCo, '' for flat keys)")
+        ckpt = backbone_checkpoint(ckpt_path, net, ema=self.weights_ema)
+        if ckpt is None:
+            return None
+        report = load_pretrained(net, ckpt, prefix=self.weights_prefix, drop=("decoder", "mask_token", "head"))
+        require_blocks(report, ckpt_path)
         return f"{ckpt_path}: {report.summary}"
 
     # ----- data, optimiser, schedule ----------------------------------------------------------------

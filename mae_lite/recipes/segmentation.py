@@ -8,7 +8,6 @@ original's) through the fine-tuning loader; the position embedding is resized to
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 import timm
@@ -17,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.ade20k import ADE20K, CLASSES, RepeatToLength, SegEvalTransform, SegTrainTransform, collate_segmentation
-from ..engine.checkpoint import load_checkpoint, load_pretrained, load_trained, network_state
+from ..engine.checkpoint import load_pretrained, load_trained, network_state
 from ..engine.dist import DistEnv
 from ..engine.log import LOGGER
 from ..engine.optim import build_optimizer, layer_decay_scale, param_groups
@@ -28,7 +27,7 @@ from ..methods.segment import Segment
 from ..models.semantic_fpn import SemanticFPN, slide_inference
 from ..models.vit import VIT_ARCHS
 from .base import Recipe
-from .encoders import check_encoder_compatible
+from .encoders import backbone_checkpoint, require_blocks
 
 
 class WarmupPoly(WarmupCosine):
@@ -180,19 +179,13 @@ class SemanticFPNViT(Recipe):
         """Backbone weights from `--ckpt` as fine-tuning loads them (decoder, mask token, head and final norm
         unused; the position embedding resized to the crop's grid); neck and head start from initialisation.
         An RPE fine-tuned checkpoint (q/v biases, LayerScale) is folded into plain ViT blocks first."""
-        if not ckpt_path:
-            LOGGER.info("notice: no --ckpt: the backbone starts from random initialisation (from scratch)")
-            return None
-        if not Path(ckpt_path).is_file():
-            raise UserError(f"--ckpt {ckpt_path}: no such file")
-        ckpt = load_checkpoint(ckpt_path)
         vit = model.model.backbone
-        check_encoder_compatible(ckpt.get("arch"), vit, ckpt_path)
+        ckpt = backbone_checkpoint(ckpt_path, vit, ema=self.weights_ema)
+        if ckpt is None:
+            return None
         state, dropped = fold_beit_blocks(network_state(ckpt, self.weights_prefix))
         report = load_pretrained(vit, {"model": state}, prefix="", drop=("decoder", "mask_token"))
-        if not any(k.startswith("blocks.") for k in report.loaded):
-            raise UserError(f"{ckpt_path}: no block weights matched the backbone ({report.summary}); "
-                            "check weights_prefix (model, base_encoder for MoCo, '' for flat keys)")
+        require_blocks(report, ckpt_path)
         folded = f"; RPE blocks folded into plain ones, {len(dropped)} relative-position tensors dropped" if dropped else ""
         return f"{ckpt_path}: {report.summary}{folded}"
 

@@ -260,7 +260,7 @@ def test_eval_divides_loader_workers_by_the_local_processes(tmp_path, monkeypatc
         raise Enough
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks of torchrun share this machine's 8 cores
-    monkeypatch.setattr(eval_cli, "cpu_cores", lambda: 8)
+    monkeypatch.setattr(dist_mod, "cpu_cores", lambda: 8)  # loader_workers reads the cores there
     monkeypatch.setattr(eval_cli, "eval_loader", fake_loader)
     with pytest.raises(Enough):
         eval_cli.main(["-d", "cpu", "-f", "finetuning", "--ckpt", str(tmp_path / "ft.pth.tar"), "--exp-options",

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..data import build_dataset
 from ..data.transforms import eval_transform
 from ..engine.checkpoint import load_checkpoint, load_pretrained
-from ..engine.loop import cpu_cores
+from ..engine.dist import cpu_cores
 from ..errors import UserError
 from ..recipes import Recipe
 from ..recipes.encoders import check_encoder_compatible

@@ -7,9 +7,8 @@ from typing import Optional
 
 
 from ..engine.checkpoint import load_checkpoint, network_state, select_weights
-from ..engine.dist import cleanup, init_from_cli, local_world_size
+from ..engine.dist import cleanup, init_from_cli, loader_workers
 from ..engine.evaluate import eval_loader, evaluate
-from ..engine.loop import cpu_cores
 from ..engine.perf import tune_allocator
 from ..errors import UserError
 from .common import build_recipe, run_cli
@@ -60,7 +59,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
         net.load_state_dict(state)
         net.to(env.device)
         per_proc = max(1, recipe.batch_size // env.world_size)
-        workers = min(recipe.num_workers, cpu_cores() // local_world_size(env))  # shared by the local processes
+        workers = loader_workers(recipe.num_workers, env)  # the cores shared by the local processes
         loader = eval_loader(recipe.build_eval_dataset(), per_proc, env, workers,
                              collate_fn=recipe.collate_fn())
         top1, top5 = evaluate(net, loader, env, args.amp, prepare=recipe.eval_batch, amp_dtype=recipe.amp_dtype)

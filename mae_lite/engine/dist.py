@@ -143,6 +143,15 @@ def local_world_size(env: "DistEnv") -> int:
         return env.world_size
 
 
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def loader_workers(requested: int, env: "DistEnv") -> int:
+    """Loader workers per process: `num_workers`, capped by this machine's cores shared by its local processes."""
+    return min(requested, cpu_cores() // local_world_size(env))
+
+
 def local_device_index(local_rank: int) -> int:
     """The GPU of a rank on its node: the local rank when this process sees every GPU of the node, GPU 0 when the
     launcher gave each process its own (`srun --gpus-per-task=1`, one CUDA_VISIBLE_DEVICES per process)."""

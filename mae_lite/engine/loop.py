@@ -8,7 +8,6 @@ epoch_end.py: evaluate, checkpoint, visuals).
 from __future__ import annotations
 
 import math
-import os
 import signal
 import threading
 import time
@@ -25,7 +24,8 @@ from tqdm import tqdm
 from ..errors import NonFiniteLoss, Stopped, UserError
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .compute import Compute, flop_counter
-from .dist import STOP_SIGNALS, DistEnv, barrier, rank_agreement
+from .dist import (STOP_SIGNALS, DistEnv, barrier, cpu_cores, loader_workers, local_world_size,  # noqa: F401
+                   rank_agreement)  # cpu_cores: re-exported for callers of engine.loop
 from .epoch_end import _warn_slow_loader, checkpoint_state, end_of_epoch, visual_batch  # noqa: F401 (re-export)
 from .evaluate import eval_loader
 from .loader import make_loader
@@ -50,10 +50,6 @@ class RunResult:
     compute: dict[str, Any] = field(default_factory=dict)  # FLOPs, images, device-hours (engine/compute.py)
     seconds: float = 0.0
     metrics_ema: dict[str, float] = field(default_factory=dict)  # the last evaluation of the EMA (model_ema=True)
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -147,10 +143,10 @@ def setup(recipe, env, out, resume, init_ckpt, amp, resume_requested, log_path) 
                 env.device, env.world_size, log_path)
     LOGGER.info("%s", recipe.config_table())
     seed_everything(recipe.seed, env.rank)
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))  # processes sharing this machine
+    local_procs = local_world_size(env)  # processes sharing this machine
     if env.device.type == "cpu" and local_procs > 1:
         torch.set_num_threads(max(1, cpu_cores() // local_procs))
-    train_ds, loader, val_loader, micro, workers = _setup_data(recipe, env, local_procs)
+    train_ds, loader, val_loader, micro, workers = _setup_data(recipe, env)
     iters = len(loader) // recipe.accum_iter
     if iters < 1:
         raise UserError(f"one epoch holds {len(loader)} micro-batches, fewer than accum_iter={recipe.accum_iter}; "
@@ -187,7 +183,7 @@ def setup(recipe, env, out, resume, init_ckpt, amp, resume_requested, log_path) 
     return run
 
 
-def _setup_data(recipe, env, local_procs):
+def _setup_data(recipe, env):
     micro = check_accum(recipe.batch_size, env.world_size, recipe.accum_iter)
     with rank_agreement(env, "datasets"):
         datasets = recipe.build_datasets()
@@ -195,7 +191,7 @@ def _setup_data(recipe, env, local_procs):
         if hasattr(train_ds, "__len__") and len(train_ds) < recipe.batch_size:
             raise UserError(f"the training set has {len(train_ds)} images, fewer than one batch "
                             f"(-b {recipe.batch_size}); lower -b")
-    workers = min(recipe.num_workers, cpu_cores() // local_procs)
+    workers = loader_workers(recipe.num_workers, env)
     collate = recipe.collate_fn()
     loader = make_loader(train_ds, micro, env, workers, train=True, collate_fn=collate, seed=recipe.seed)
     val_loader = (eval_loader(datasets["eval"], recipe.batch_size // env.world_size, env, workers, collate_fn=collate)

@@ -19,7 +19,7 @@ from pycocotools.cocoeval import COCOeval
 
 from ..data.coco import CocoDetection, LargeScaleJitter, collate_detection
 from ..engine.checkpoint import load_pretrained, load_trained
-from ..engine.dist import DistEnv
+from ..engine.dist import DistEnv, loader_workers
 from ..engine.optim import build_optimizer
 from ..engine.schedule import WarmupMultiStep
 from ..errors import UserError
@@ -178,13 +178,12 @@ class MaskRCNNViTDet(Recipe):
     def eval_checkpoint(self, ckpt_path: str, env: DistEnv, amp: bool = False) -> list[str]:
         """`ssl_eval`: load a detection checkpoint of this recipe and return the COCO AP lines to print."""
         from ..engine.evaluate import eval_loader
-        from ..engine.loop import cpu_cores
 
         method = self.build_model()
         load_trained(method.model, ckpt_path, self.name, "depth, fpn_dim", ema=self.weights_ema)
         method.to(env.device)
         loader = eval_loader(self.build_eval_dataset(), max(1, self.batch_size // env.world_size), env,
-                             min(self.num_workers, cpu_cores()), collate_fn=collate_detection)
+                             loader_workers(self.num_workers, env), collate_fn=collate_detection)
         return format_metrics(self.evaluate(method, loader, env, amp))
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..data.ade20k import ADE20K, CLASSES, RepeatToLength, SegEvalTransform, SegTrainTransform, collate_segmentation
 from ..engine.checkpoint import load_pretrained, load_trained, network_state
-from ..engine.dist import DistEnv
+from ..engine.dist import DistEnv, loader_workers
 from ..engine.log import LOGGER
 from ..engine.optim import build_optimizer, layer_decay_scale, param_groups
 from ..engine.schedule import WarmupCosine
@@ -258,14 +258,13 @@ class SemanticFPNViT(Recipe):
     def eval_checkpoint(self, ckpt_path: str, env: DistEnv, amp: bool = False) -> list[str]:
         """`ssl_eval`: load a checkpoint of this recipe; the mIoU line and mmseg's per-class table."""
         from ..engine.evaluate import eval_loader
-        from ..engine.loop import cpu_cores
 
         method = self.build_model()
         load_trained(method.model, ckpt_path, self.name, "depth, patch_size, out_indices, num_classes",
                      ema=self.weights_ema)
         method.to(env.device)
         loader = eval_loader(self.build_eval_dataset(), max(1, self.batch_size // env.world_size), env,
-                             min(self.num_workers, cpu_cores()), collate_fn=collate_segmentation)
+                             loader_workers(self.num_workers, env), collate_fn=collate_segmentation)
         summary, per_class = seg_metrics(self.eval_areas(method, loader, env, amp).areas)
         return ([f"mIoU: {summary['mIoU']:.2f}, mAcc: {summary['mAcc']:.2f}, aAcc: {summary['aAcc']:.2f}"]
                 + per_class_table(per_class, self.class_names()))

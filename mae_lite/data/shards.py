@@ -33,6 +33,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ..errors import UserError
 from .bad_images import load
+from .seeding import run_seeded
 
 INDEX_NAME = "index.json"
 PARTIAL_NAME = ".index.partial.json"  # an unfinished ssl_prepare run's record of the shards done so far
@@ -218,12 +219,6 @@ def _seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-
-
 # ----- the data set and its loader -------------------------------------------------------------------
 class ShardDataset(Dataset):
     """The samples of `shards`, through `transform` as the folder data sets: items are `(transform(image), label)`.
@@ -378,17 +373,7 @@ class _EpochStream(IterableDataset):
                 yield self._collate(chunk)
                 continue
             seed = _seed_of(self.seed, epoch, self.rank, logical, j, 1)
-            if in_worker:
-                _seed_all(seed)
-                yield self._collate(chunk)
-            else:  # in the training process: leave its random streams as they were
-                with torch.random.fork_rng(devices=[]):
-                    py, npy = random.getstate(), np.random.get_state()
-                    _seed_all(seed)
-                    out = self._collate(chunk)
-                    random.setstate(py)
-                    np.random.set_state(npy)
-                yield out
+            yield run_seeded(seed, lambda: self._collate(chunk), keep_streams=not in_worker)
 
     def _collate(self, chunk: list[tuple[bytes, int, str]]):
         return self.collate([(load_image(data, self.ds.transform, name), label) for data, label, name in chunk])

@@ -12,10 +12,10 @@ from __future__ import annotations
 import random
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
+from ..data.seeding import run_seeded
 from .dist import DistEnv
 
 
@@ -56,23 +56,7 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        if get_worker_info() is not None:  # a worker's streams serve nothing else
-            _seed_all(seed)
-            return self.dataset[index]
-        py, npy = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            _seed_all(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py)
-                np.random.set_state(npy)
-
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+        return run_seeded(seed, lambda: self.dataset[index], keep_streams=get_worker_info() is None)
 
 
 class TrainLoader:

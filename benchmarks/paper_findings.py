@@ -523,9 +523,9 @@ def compare(high: list[float], low: list[float]) -> tuple[str, str]:
         return AGREES, f"gap {gap:+.1f} points, " + ("one seed, no spread" if single else "seed ranges apart")
     if gap == 0:
         return DISAGREES, "no difference"
-    if gap < 0:
-        return DISAGREES, f"gap {gap:+.1f} points: the opposite order"
-    return DISAGREES, f"gap {gap:+.1f} points, within the seed spread"
+    if max(high) < min(low):
+        return DISAGREES, f"gap {gap:+.1f} points: the opposite order, seed ranges apart"
+    return DISAGREES, f"gap {gap:+.1f} points, within the seed spread"  # whichever way the means lean
 
 
 def gain_shares(by_k: dict[int, list[float]], full: list[float], scratch: list[float], k: int) -> list[float]:

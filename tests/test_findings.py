@@ -37,7 +37,10 @@ def test_compare_needs_seed_ranges_apart(pf):
     assert pf.compare([72.0, 74.0], [70.0, 71.5]) == (pf.AGREES, "gap +2.2 points, seed ranges apart")
     verdict, why = pf.compare([72.0, 74.0], [70.0, 72.5])  # means 73.0 vs 71.25, but 72.0 < 72.5
     assert verdict == pf.DISAGREES and why == "gap +1.8 points, within the seed spread"
-    assert pf.compare([60.0, 61.0], [62.0, 63.0]) == (pf.DISAGREES, "gap -2.0 points: the opposite order")
+    assert pf.compare([60.0, 61.0], [62.0, 63.0]) == (pf.DISAGREES,
+                                                      "gap -2.0 points: the opposite order, seed ranges apart")
+    # the means lean the wrong way but the seeds overlap: not "the opposite order"
+    assert pf.compare([36.9, 37.75], [35.35, 40.6]) == (pf.DISAGREES, "gap -0.6 points, within the seed spread")
     assert pf.compare([], [1.0])[0] == "not measured"
     assert pf.compare([5.0], [5.0]) == (pf.DISAGREES, "no difference")
     assert pf.compare([6.0], [5.0]) == (pf.AGREES, "gap +1.0 points, one seed, no spread")

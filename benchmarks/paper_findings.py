@@ -839,8 +839,7 @@ def commit() -> str:
     return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def write_doc(r: Results, doc: Path, plots: list[Path], wall: dict, quick: bool) -> None:
-    rows = table_rows(r)
+def write_doc(r: Results, table: str, doc: Path, plots: list[Path], wall: dict, quick: bool) -> None:
     rel = lambda p: os.path.relpath(p, doc.parent)  # noqa: E731
     lines = ["# The paper's findings at small scale", "",
              "Produced by `python benchmarks/paper_findings.py" + (" --quick" if quick else "")
@@ -854,7 +853,7 @@ def write_doc(r: Results, doc: Path, plots: list[Path], wall: dict, quick: bool)
              "Verdict rule: a comparison agrees when every seed of the claimed-better side beats every seed of the "
              "other (seed ranges apart); anything else does not agree at this scale (why says whether the order is "
              "reversed or within the spread). Rows judged on one run say so.", "",
-             markdown_table(rows), ""]
+             table, ""]
     if quick:
         lines[2:2] = ["**Quick mode (toy sizes): these numbers only show that every step runs; they are not "
                       "findings.**",
@@ -904,7 +903,8 @@ def main(argv=None) -> int:
     lay = Layout(Path(args.out or ("outputs/findings_quick" if args.quick else "outputs/findings")).resolve())
     doc = Path(args.doc) if args.doc else (lay.out / "findings.md" if args.quick else ROOT / "docs" / "findings.md")
     steps = set(args.only or STEPS)
-    runs = [r for r in plan(sizes, lay) if r.step in steps]
+    whole_plan = plan(sizes, lay)
+    runs = [r for r in whole_plan if r.step in steps]
     planned = print_plan(runs, lay)
     if args.dry_run:
         for r in runs:
@@ -927,13 +927,14 @@ def main(argv=None) -> int:
         return STOPPED
     if "report" in steps:
         results = Results(sizes, lay)
-        recorded = [read_json(lay.result(r.key)) for r in plan(sizes, lay)]
+        recorded = [read_json(lay.result(r.key)) for r in whole_plan]
         wall = {"runs_s": sum(rec.get("seconds") or 0 for rec in recorded if rec), "this_s": time.time() - t0,
-                "planned_s": sum(r.est_s for r in plan(sizes, lay))}
+                "planned_s": sum(r.est_s for r in whole_plan)}
         plots = plot_all(results, doc.parent / "findings")
-        write_doc(results, doc, plots, wall, args.quick)
+        table = markdown_table(table_rows(results))
+        write_doc(results, table, doc, plots, wall, args.quick)
         print(f"paper_findings: wrote {doc} and {len(plots)} plots under {doc.parent / 'findings'}")
-        print(markdown_table(table_rows(results)))
+        print(table)
     print(f"paper_findings: {time.time() - t0:.0f} s" + (f"; failed: {', '.join(failed)} (see {lay.out}/logs)"
                                                        if failed else ""), flush=True)
     return 1 if failed else 0

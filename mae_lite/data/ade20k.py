@@ -12,18 +12,18 @@ the HSV conversions, as mmcv does, on BGR images.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .._optional import require
 from ..errors import UserError
-
-cv2.setNumThreads(0)  # one thread per loader worker, as mmengine sets it (no oversubscription)
 
 IGNORE = 255
 SPLITS = {"train": "training", "eval": "validation"}
@@ -73,7 +73,17 @@ def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
+@functools.cache
+def _cv2() -> ModuleType:
+    """OpenCV on first use (the `segmentation` extra), one thread per loader worker as mmengine sets it (no
+    oversubscription); forked workers inherit both."""
+    cv2 = require("cv2", "ADE20K segmentation")
+    cv2.setNumThreads(0)
+    return cv2
+
+
 def resize_pair(img: np.ndarray, label: Optional[np.ndarray], scale: tuple[int, int]):
+    cv2 = _cv2()
     h, w = rescale_size(img.shape[0], img.shape[1], scale)
     img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
     if label is not None:
@@ -109,6 +119,7 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator, brightness
                            hue: int = 18) -> np.ndarray:
     """mmseg's PhotoMetricDistortion on a BGR uint8 image: each step with probability 1/2; brightness, then
     contrast first or last (one coin), saturation and hue in OpenCV's uint8 HSV (hue in 0..179)."""
+    cv2 = _cv2()
     if rng.integers(2):
         img = _convert(img, beta=rng.uniform(-brightness, brightness))
     contrast_first = rng.integers(2) == 1
@@ -174,6 +185,7 @@ class ADE20K(Dataset):
     """(image, label) pairs of one split; `transform(img_bgr_uint8, label_uint8)` makes the tensors."""
 
     def __init__(self, data_root: str | Path, split: str, transform):
+        _cv2()  # in this process, before the loader's workers: a missing OpenCV is one line, not a worker's traceback
         img_dir, ann_dir = ade_folders(data_root, split)
         self.images = sorted(img_dir.glob("*.jpg"))
         if not self.images:
@@ -189,6 +201,7 @@ class ADE20K(Dataset):
         return len(self.images)
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        cv2 = _cv2()
         img = cv2.imread(str(self.images[i]), cv2.IMREAD_COLOR)
         if img is None:
             raise UserError(f"ADE20K: cannot decode {self.images[i]}")

@@ -11,19 +11,22 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from .._optional import require
 from ..errors import UserError
 
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
+
+FEATURE = "COCO detection"  # what needs pycocotools, in the message when it is missing
 SPLITS = {"train": "train2017", "eval": "val2017"}
 
 
@@ -40,9 +43,10 @@ def coco_files(data_root: str | Path, split: str) -> tuple[Path, Path]:
 
 
 def load_coco(ann_file: str | Path) -> COCO:
+    api = require("pycocotools.coco", FEATURE)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         try:
-            return COCO(str(ann_file))
+            return api.COCO(str(ann_file))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read COCO annotations {ann_file}: {type(e).__name__}: {e}".splitlines()[0]) from None
 
@@ -89,6 +93,7 @@ class CocoDetection(Dataset):
 
 def _rle(seg: Any, h: int, w: int) -> dict:
     """One RLE of a polygon list or an (uncompressed) RLE annotation."""
+    mask_utils = require("pycocotools.mask", FEATURE)
     if isinstance(seg, list):
         polys = [p for p in seg if len(p) >= 6]  # pycocotools needs 3 points
         return mask_utils.merge(mask_utils.frPyObjects(polys, h, w)) if polys else mask_utils.encode(
@@ -118,6 +123,7 @@ class LargeScaleJitter:
             image = image.flip(-1)
         image = TF.resize(image, [nh, nw], antialias=True)[:, oy:oy + ch, ox:ox + cw]
 
+        mask_utils = require("pycocotools.mask", FEATURE)
         masks = []
         for seg in segs:
             if isinstance(seg, list):  # polygons: move the points, rasterise at the crop size

@@ -23,11 +23,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 from PIL import Image
 
+from .._optional import require
 from ..errors import UserError
 from .shards import INDEX_FORMAT, INDEX_NAME, PARTIAL_NAME
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 SHARD_PATTERN = "shard-{:06d}.tar"
+FEATURE = "writing WebDataset shards"  # what needs webdataset, in the message when it is missing
 
 
 @dataclass
@@ -133,13 +135,12 @@ class _Job:
 
     def write(self, k: int, tick: Callable[[int], None] = lambda n: None) -> tuple[dict[str, Any], str]:
         """Shard k under a temporary name: (its index entry, the temporary path)."""
-        from webdataset import TarWriter
-
+        wds = require("webdataset", FEATURE)
         name = SHARD_PATTERN.format(k)
         tmp = self.out / f".{name}.{os.getpid()}.tmp"
         entry = {"name": name, "samples": 0, "re_encoded": 0, "skipped": []}
         with open(tmp, "wb") as f:
-            writer = TarWriter(f, encoder=False, mtime=0)
+            writer = wds.TarWriter(f, encoder=False, mtime=0)
             for p in self.positions(k):
                 payload, label, where = self.source.read(self.order[p])
                 try:
@@ -216,6 +217,7 @@ def write_shards(src: str | RawSource, out: str | Path, *, split: str = "train",
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     if image_format not in ("jpeg", "png"):
         raise UserError(f"--format must be jpeg or png, got {image_format!r}")
+    require("webdataset", FEATURE)  # here, not in a writer process, where it would fail with a traceback
     source = src if isinstance(src, RawSource) else open_source(src, split, data_root)
     if source.size == 0:
         raise UserError(f"{source.description} holds no images")

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
+from .._optional import require
 from ..errors import UserError
 from .bad_images import load
 from .seeding import run_seeded
@@ -38,6 +39,7 @@ from .seeding import run_seeded
 INDEX_NAME = "index.json"
 PARTIAL_NAME = ".index.partial.json"  # an unfinished ssl_prepare run's record of the shards done so far
 INDEX_FORMAT = "mae-lite-wds"
+FEATURE = "reading WebDataset shards (dataset=wds:)"  # what needs webdataset, in the message when it is missing
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 1000  # samples per loader worker; the shards themselves are written in a shuffled order
 
@@ -123,9 +125,7 @@ def resolve_shards(spec: str, split: str) -> tuple[list[Shard], list[str], str]:
         folder = _split_folder(Path(spec), split)
         index = read_index(folder)
         return _checked(folder, index["shards"]), list(index["classes"]), str(folder)
-    from braceexpand import braceexpand  # webdataset's own dependency
-
-    names = list(braceexpand(spec))
+    names = list(require("braceexpand", FEATURE).braceexpand(spec))
     folders = {Path(n).parent for n in names}
     if len(folders) != 1:
         raise UserError(f"wds:{spec} spans several folders ({', '.join(sorted(map(str, folders)))[:200]}); "
@@ -143,9 +143,7 @@ def resolve_shards(spec: str, split: str) -> tuple[list[Shard], list[str], str]:
 
 def read_shard(path: str) -> Iterator[dict[str, Any]]:
     """The samples of one shard file, in order (webdataset's tar reader)."""
-    from webdataset.tariterators import tarfile_samples
-
-    return tarfile_samples([{"url": path}])
+    return require("webdataset.tariterators", FEATURE).tarfile_samples([{"url": path}])
 
 
 def _item(sample: dict[str, Any], path: str) -> tuple[bytes, int, str]:
@@ -360,11 +358,9 @@ class _EpochStream(IterableDataset):
     def _batches(self, segments, n_batches: int, epoch: int, logical: int, skip: int, in_worker: bool):
         samples = self._samples(segments)
         if self.train:
-            from webdataset import shuffle
-
             rng = random.Random(_seed_of(self.seed, epoch, self.rank, logical))
             size = max(1, self.ds.shuffle_buffer)
-            samples = shuffle(size, size, rng=rng)(samples)
+            samples = require("webdataset", FEATURE).shuffle(size, size, rng=rng)(samples)
         for j in range(n_batches):
             chunk = [s for _, s in zip(range(self.batch), samples)]
             if j < skip:
@@ -382,6 +378,7 @@ class _EpochStream(IterableDataset):
 def open_shards(spec: str, split: str, transform: Optional[Callable]) -> ShardDataset:
     """`dataset=wds:<spec>`. The shuffling seed is the recipe's: the loop seeds each rank with seed + rank before
     building the data sets."""
+    require("webdataset", FEATURE)  # here, not in a loader worker, where it would fail with a traceback
     shards, classes, where = resolve_shards(spec, split)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return ShardDataset(shards, classes, transform, seed=(torch.initial_seed() - rank) % 2 ** 63, where=where)

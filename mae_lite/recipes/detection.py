@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from ..data.coco import CocoDetection, LargeScaleJitter, collate_detection
+from .._optional import require
+from ..data.coco import FEATURE, CocoDetection, LargeScaleJitter, collate_detection
 from ..engine.checkpoint import load_pretrained, load_trained
 from ..engine.dist import DistEnv, loader_workers
 from ..engine.optim import build_optimizer
@@ -28,6 +26,9 @@ from ..models.vit import VIT_ARCHS
 from ..models.vitdet import GLOBAL_BLOCKS, SimpleFeaturePyramid, ViTDetBackbone, build_mask_rcnn
 from .base import Recipe
 from .encoders import backbone_checkpoint, require_blocks
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)  # timm's LayerNorm2d is a LayerNorm
@@ -210,7 +211,7 @@ def coco_results(output: dict[str, torch.Tensor], image_id: int, label_to_cat: d
     rles = []
     if "masks" in output and len(boxes):
         masks = (output["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        rles = require("pycocotools.mask", FEATURE).encode(np.asfortranarray(masks.transpose(1, 2, 0)))
     out = []
     for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
         entry = {"image_id": image_id, "category_id": label_to_cat[label], "bbox": box, "score": score}
@@ -232,7 +233,7 @@ def coco_metrics(coco_gt: COCO, results: list[dict], image_ids: list[int]) -> di
             metrics.update({f"{iou_type}_{m}": 0.0 for m in METRICS})
             continue
         with contextlib.redirect_stdout(io.StringIO()):
-            ev = COCOeval(coco_gt, coco_gt.loadRes(dts), iou_type)
+            ev = require("pycocotools.cocoeval", FEATURE).COCOeval(coco_gt, coco_gt.loadRes(dts), iou_type)
             ev.params.imgIds = sorted(set(image_ids))
             ev.evaluate()
             ev.accumulate()

@@ -3,6 +3,7 @@ facebookresearch/mae's pre-training transform (the anchor) next to our paths, in
 
     python benchmarks/data_speed.py                      # CPU rows
     python benchmarks/data_speed.py --device cuda        # + the GPU decode path (decode_on_device)
+    python benchmarks/data_speed.py --device cpu-decode --no-shards --batch 64   # its code, on the CPU
     python benchmarks/data_speed.py --folder /data/imagenet/imagenet_train --no-shards   # your own images
 
 The images: the photos embedded in the package (mae_lite/data/demo/*.jpg, scikit-image's data photos and NASA
@@ -14,8 +15,10 @@ share: a host with N cores delivers about N times the figure):
   ToTensor, Normalize (float32 out), as MAE's main_pretrain.py;
 - folder: our `folder:` dataset + the mae_lite recipe's transform (uint8 out; normalisation runs on the device);
 - shards: ssl_prepare's shards of the same images, as they are and re-encoded at --max-side 320;
-- cuda (with --device cuda): workers only read bytes and draw crops (per core), then the device decodes and crops
-  whole batches (img/s of the GPU, batch --batch).
+- decode_on_device (with --device cuda, or cpu-decode): workers only read bytes and draw crops (per core); the
+  items/s a DataLoader with 2 workers delivers to the main process, packed batches (one byte tensor per batch) and
+  the per-image lists used before issue 20 (in-memory items: the transfer alone); then the device decodes and
+  crops --decode-batches batches of --batch (img/s of the device; cpu-decode: of one CPU thread).
 
 Rounds alternate the rows (--rounds) so that load from other processes hits them alike; the median per row is
 reported. Prints a table and writes --out (JSON).
@@ -28,10 +31,13 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
+from torch.utils.data._utils.collate import default_collate
 
 import mae_lite
 from mae_lite.data import build_dataset, pretrain_transform
@@ -77,22 +83,64 @@ def per_core(dataset, n: int, ordered: bool) -> float:
     return n / (time.perf_counter() - t)
 
 
-def cuda_rates(root: Path, n: int, batch: int, device: torch.device) -> tuple[float, float]:
-    """(worker img/s per core: bytes + crop draw, device img/s: batched decode + crop + resize + flip)."""
+class EncodedItems(Dataset):
+    """`length` items cycling over in-memory (EncodedImage, label) pairs, each with a fresh byte tensor (as a worker's
+    read_bytes makes one): the loader rows time the batches' way to the main process, not the disk or PIL."""
+
+    def __init__(self, items: list, length: int):
+        self.items, self.length = items, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        from mae_lite.data.gpu_decode import EncodedImage
+
+        x, y = self.items[i % len(self.items)]
+        return (replace(x, data=x.data.clone()) if isinstance(x, EncodedImage) else x), y
+
+
+def collate_list(items):
+    """The decode_on_device batch before issue 20: a list of EncodedImage, one tensor per image between processes."""
+    return [x for x, _ in items], default_collate([y for _, y in items])
+
+
+def loader_rate(items: list, batch: int, batches: int, workers: int, collate) -> float:
+    """items/s reaching the main process through a DataLoader with `workers` workers (after its first batch)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(EncodedItems(items, batch * (batches + 1)), batch_size=batch, num_workers=workers,
+                        collate_fn=collate)
+    it = iter(loader)
+    next(it)  # workers started, queues filled
+    t = time.perf_counter()
+    n = sum(len(b[1]) for b in it)
+    return n / (time.perf_counter() - t)
+
+
+def decode_rates(root: Path, n: int, batch: int, batches: int, device: torch.device) -> dict[str, float]:
+    """The decode_on_device path: worker img/s per core (bytes + crop draw); DataLoader items/s with 2 workers,
+    packed batches and the old per-image lists; device img/s of the batched decode + crop + resize + flip over
+    `batches` batches (any device: the CPU runs the same code, for a quick check)."""
     from mae_lite.data.gpu_decode import DeviceDecodeCrop, collate_encoded, decode_batch
 
     ds = build_dataset(f"folder:{root}", ".", "train", DeviceDecodeCrop(224))
-    worker = per_core(ds, n, ordered=False)
+    rates = {"worker": per_core(ds, n, ordered=False)}
     items = [ds[i % len(ds)] for i in range(batch)]
-    images, _ = collate_encoded(items)
-    decode_batch(images, device)  # warm-up (nvJPEG handles, kernels)
-    torch.cuda.synchronize(device)
-    reps = max(1, n // batch)
+    rates["loader_packed"] = loader_rate(items, batch, batches, 2, collate_encoded)
+    rates["loader_list"] = loader_rate(items, batch, batches, 2, collate_list)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
+    # a few distinct batches (other crops of the same files) cycled: the work of `batches`, not their memory
+    packed = [collate_encoded([ds[(k * batch + i) % len(ds)] for i in range(batch)])[0]
+              for k in range(min(batches, 4))]
+    decode_batch(packed[0], device)  # warm-up (nvJPEG handles, kernels)
+    sync(device)
     t = time.perf_counter()
-    for _ in range(reps):
-        out, _ = decode_batch(images, device)
-    torch.cuda.synchronize(device)
-    return worker, reps * batch / (time.perf_counter() - t)
+    for k in range(batches):
+        decode_batch(packed[k % len(packed)], device)
+    sync(device)
+    rates["device"] = batches * batch / (time.perf_counter() - t)
+    return rates
 
 
 def main() -> None:
@@ -101,8 +149,11 @@ def main() -> None:
     p.add_argument("--per-row", type=int, default=300, help="images timed per row and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-side", type=int, default=320)
-    p.add_argument("--device", default="cpu", help="cpu, or cuda to add the GPU decode row")
-    p.add_argument("--batch", type=int, default=256, help="GPU decode batch")
+    p.add_argument("--device", default="cpu", help="cpu; cuda to add the decode_on_device rows (GPU decode); "
+                   "cpu-decode for the same rows with the decode on the CPU (a quick check of the code)")
+    p.add_argument("--batch", type=int, default=256, help="decode_on_device batch")
+    p.add_argument("--decode-batches", type=int, default=20,
+                   help="batches timed by the device decode and loader rows (default 20)")
     p.add_argument("--no-shards", action="store_true", help="skip the shard rows")
     p.add_argument("--folder", default=None, help="time these class-per-folder images instead of building the set")
     p.add_argument("--out", default="benchmarks/results/data_speed.json")
@@ -129,9 +180,10 @@ def main() -> None:
         for _ in range(args.rounds):
             for label, (ds, ordered) in rows.items():
                 rates[label].append(per_core(ds, args.per_row, ordered))
-        cuda = None
-        if args.device.startswith("cuda"):
-            cuda = cuda_rates(root, args.per_row, args.batch, torch.device(args.device))
+        dec = None
+        if args.device != "cpu":
+            device = torch.device("cpu" if args.device == "cpu-decode" else args.device)
+            dec = decode_rates(root, args.per_row, args.batch, args.decode_batches, device)
     anchor = statistics.median(next(iter(rates.values())))
     what = args.folder or f"{args.images} JPEGs 500x375/375x500 q90 from the embedded photos"
     print(f"{what}, mean {mean_bytes / 1024:.1f} KiB; 224 px; 1 thread; {available_cores()} cores ({cpu_model()}); median of {args.rounds} rounds")
@@ -141,12 +193,21 @@ def main() -> None:
         med = statistics.median(r)
         table.append({"path": label, "img_per_s_per_core": med, "vs_anchor": med / anchor, "rounds": r})
         print(f"| {label:<58} | {med:14.0f} | {med / anchor:8.2f}x |")
-    if cuda is not None:
-        table.append({"path": "cuda: workers read bytes + draw crops", "img_per_s_per_core": cuda[0],
-                      "vs_anchor": cuda[0] / anchor})
-        table.append({"path": f"cuda: batched decode_jpeg + crop/resize/flip on {args.device}", "img_per_s_gpu": cuda[1]})
-        print(f"| {'cuda: workers read bytes + draw crops':<58} | {cuda[0]:14.0f} | {cuda[0] / anchor:8.2f}x |")
-        print(f"| {'cuda: device decode + crop (img/s of the GPU)':<58} | {cuda[1]:14.0f} |           |")
+    if dec is not None:
+        on = "cpu, 1 thread" if args.device == "cpu-decode" else args.device
+        rows_dec = [("decode_on_device: workers read bytes + draw crops", "img_per_s_per_core", dec["worker"]),
+                    ("decode_on_device: loader, 2 workers, packed batches", "items_per_s_main", dec["loader_packed"]),
+                    ("decode_on_device: loader, 2 workers, per-image lists", "items_per_s_main", dec["loader_list"]),
+                    (f"decode_on_device: decode + crop + flip on {on}", "img_per_s_device", dec["device"])]
+        for label, key, value in rows_dec:
+            row = {"path": label, key: value, "batch": args.batch}
+            if key == "img_per_s_per_core":
+                row["vs_anchor"] = value / anchor
+            table.append(row)
+            unit = {"img_per_s_per_core": "", "items_per_s_main": " (items/s reaching the main process)",
+                    "img_per_s_device": " (img/s of the device)"}[key]
+            ratio = f"{value / anchor:8.2f}x" if key == "img_per_s_per_core" else " " * 9
+            print(f"| {label:<58} | {value:14.0f} | {ratio} |{unit}")
     result = {"images": args.images, "mean_file_bytes": mean_bytes, "img_size": 224, "rows": table,
               "photos": args.folder or "mae_lite/data/demo/*.jpg", "cores": available_cores(), "cpu_model": cpu_model(),
               "torch": torch.__version__, "mae_lite": mae_lite.__version__,

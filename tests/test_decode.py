@@ -3,8 +3,10 @@ the crop distribution is torchvision's, the uint8 path normalised on the device 
 decoding stays close to a full decode, the device path gives the CPU path's crops."""
 from __future__ import annotations
 
+import io
 import math
 import os
+import pickle
 import random
 
 import numpy as np
@@ -12,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from mae_lite.data.decode import FastRandomResizedCrop, ResizeCenterCrop, crop_resize, decode, sample_crop, scaled_box
 from mae_lite.data.demo import DEMO_DIR
-from mae_lite.data.gpu_decode import DeviceDecodeCrop, EncodedImage, collate_encoded, decode_batch
+from mae_lite.data.gpu_decode import DeviceDecodeCrop, EncodedBatch, EncodedImage, collate_encoded, decode_batch
 from mae_lite.data.transforms import eval_transform
 from mae_lite.recipes.base import IMAGENET_MEAN, IMAGENET_STD
 
@@ -157,7 +160,7 @@ def test_device_decode_path_gives_the_cpu_paths_crops(jpeg, tmp_path):
     data = (jpeg / "a.jpg").read_bytes()
     broken = EncodedImage(torch.frombuffer(bytearray(data[: len(data) // 3]), dtype=torch.uint8), (0, 0, 100, 100),
                           False, "bilinear", 64, "broken.jpg")
-    out, bad = decode_batch([images[0], broken], CPU)
+    out, bad = decode_batch([items[0][0], broken], CPU)  # a list is packed first
     assert [b.path for b in bad] == ["broken.jpg"] and torch.equal(out[1], out[0])
 
 
@@ -181,6 +184,106 @@ def test_decode_on_device_recipe_batches(jpeg, tmp_path):
 
     with pytest.raises(UserError, match="decode_on_device applies to pre-training"):
         Finetune(pretrain_exp_name="p", decode_on_device=True)
+
+
+def _mixed_folder(jpeg, root):
+    """root/x, root/y: 12 images, JPEGs of different sizes, a PNG and a truncated JPEG (header intact)."""
+    src = Image.open(jpeg / "a.jpg").convert("RGB")
+    data = (jpeg / "a.jpg").read_bytes()
+    for c in ("x", "y"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            src.resize((200 + 40 * i, 150 + 30 * i)).save(root / c / f"{i}.jpg", quality=85)
+    src.save(root / "x" / "p.png")
+    (root / "y" / "broken.jpg").write_bytes(data[: len(data) // 3])
+
+
+def storages(obj) -> int:
+    """The distinct tensor storages pickling `obj` goes through: each is one shared-memory block (one file
+    descriptor) when a loader worker sends it to the main process."""
+    seen = set()
+
+    class Counting(pickle.Pickler):
+        def persistent_id(self, x):
+            if isinstance(x, torch.Tensor):
+                seen.add(x.untyped_storage().data_ptr())
+                return len(seen)  # stands in for the tensor: its bytes are not what is counted
+            return None
+
+    Counting(io.BytesIO()).dump(obj)
+    return len(seen)
+
+
+def test_packed_batch_decodes_as_each_image_alone(jpeg, tmp_path):
+    """One EncodedBatch (all the JPEG bytes in one tensor) against decode_jpeg + crop_resize image by image, on a
+    batch of JPEGs, a PNG (decoded in the worker) and a truncated JPEG (bad, its slot filled): equal pixels."""
+    _mixed_folder(jpeg, tmp_path)
+    dev = DeviceDecodeCrop(48)
+    random.seed(13)
+    names = ["x/0.jpg", "x/p.png", "y/broken.jpg", "x/4.jpg", "y/2.jpg"]
+    items = [(dev(Image.open(tmp_path / n)), k) for k, n in enumerate(names)]
+    batch, target = collate_encoded(items)
+    assert isinstance(batch, EncodedBatch) and len(batch) == 5 and target.tolist() == [0, 1, 2, 3, 4]
+    assert batch.offsets.tolist()[-1] == batch.data.numel() == sum(
+        x.data.numel() for x, _ in items if isinstance(x, EncodedImage))
+    out, bad = decode_batch(batch, CPU)
+    assert [b.path for b in bad] == [str(tmp_path / "y/broken.jpg")]
+    ref = []
+    for x, _ in items:
+        if not isinstance(x, EncodedImage):
+            ref.append(x)
+            continue
+        try:
+            img = decode_jpeg(x.data, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            ref.append(None)
+            continue
+        ref.append(crop_resize(img, x.box, x.size, x.interpolation, x.flip))
+    good = [r for r in ref if r is not None]
+    ref = [r if r is not None else good[k % len(good)] for k, r in enumerate(ref)]
+    assert out.shape == (5, 3, 48, 48) and torch.equal(out, torch.stack(ref))
+    assert torch.equal(out[2], out[3])  # the truncated JPEG's slot: a copy of another image of the batch
+
+
+def test_a_packed_batch_crosses_processes_as_a_few_blocks(jpeg):
+    """A batch of 32 JPEGs pickles as 3 tensors (bytes, offsets, labels), not one per image."""
+    random.seed(17)
+    dev = DeviceDecodeCrop(32)
+    items = [(dev(Image.open(jpeg / ("a.jpg" if k % 2 else "big.jpg"))), k % 3) for k in range(32)]
+    batch = collate_encoded(items)
+    assert storages(batch) == 3
+    assert storages(collate_encoded(items[:3] + [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)])) == 4  # + a PNG
+    assert batch[0].pin_memory() is batch[0]  # the pin thread leaves the bytes where they are (host decoding)
+
+
+def test_decode_on_device_with_two_workers_gives_the_same_batches(jpeg, tmp_path):
+    """The training loader (make_loader) with 2 workers and with none: the same decoded batches and bad images, and
+    each batch reaches the main process as a few shared-memory blocks."""
+    from mae_lite.engine.dist import DistEnv
+    from mae_lite.engine.loader import make_loader
+    from mae_lite.recipes.mae_lite import MaeLite
+
+    _mixed_folder(jpeg, tmp_path)
+    runs = {}
+    for workers in (0, 2):
+        r = MaeLite(dataset=f"folder:{tmp_path}", img_size=32, patch_size=8, decode_on_device=True,
+                    num_workers=workers)
+        loader = make_loader(r.build_datasets()["train"], 4, DistEnv(), workers, True, r.collate_fn(), seed=3)
+        random.seed(0)
+        loader.set_epoch(0)
+        try:
+            raw = list(loader)
+        finally:
+            loader.close()
+        assert len(raw) == 3
+        runs[workers] = [r.device_batch(b, CPU) for b in raw], dict(r.bad_images.seen), raw
+    (b0, bad0, _), (b2, bad2, raw2) = runs[0], runs[2]
+    assert list(bad0) == list(bad2) == [str(tmp_path / "y" / "broken.jpg")]
+    for (i0, t0), (i2, t2) in zip(b0, b2):
+        assert i0.shape == (4, 3, 32, 32) and torch.equal(i0, i2) and torch.equal(t0, t2)
+    for b in raw2:
+        images = b[0]
+        assert isinstance(images, EncodedBatch) and storages(b) <= 3 + len(images.decoded)
 
 
 def _two_rank_worker(rank: int, world: int, init: str, root: str, out: str) -> None:
@@ -246,6 +349,12 @@ def test_device_decode_on_cuda_matches_the_cpu_run(jpeg):
     dev = DeviceDecodeCrop(224)
     items = [(dev(Image.open(jpeg / n)), 0) for n in ("a.jpg", "big.jpg", "a.jpg")]
     images, _ = collate_encoded(items)
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    # the loader's pin thread: the type kept, the bytes not copied, a worker-decoded item (PNG) pinned
+    pinned = pin_memory(collate_encoded(items + [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)]))
+    assert isinstance(pinned[0], EncodedBatch) and not pinned[0].data.is_pinned() and pinned[1].is_pinned()
+    assert pinned[0].decoded[0].is_pinned()
     on_gpu, bad = decode_batch(images, torch.device("cuda"))
     on_cpu, _ = decode_batch(images, CPU)
     assert bad == [] and on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape == (3, 3, 224, 224)

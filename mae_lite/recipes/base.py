@@ -190,7 +190,8 @@ class Recipe:
 
     def collate_fn(self) -> Optional[Callable]:
         """How the loaders batch items: torch's default (stacked tensors, or tuples of them), with undecodable images
-        replaced and listed (data/bad_images.py) and, with decode_on_device, encoded JPEGs kept as a list."""
+        replaced and listed (data/bad_images.py) and, with decode_on_device, the encoded JPEGs packed into one byte
+        tensor per batch (data/gpu_decode.py EncodedBatch: a few shared-memory blocks per batch, not one per image)."""
         from ..data.bad_images import collate
 
         if self.decode_on_device:

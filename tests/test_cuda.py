@@ -34,6 +34,22 @@ def test_two_mae_tiny_steps_at_224_px_on_cuda_with_bf16_give_a_finite_loss(tmp_p
     assert ckpt["optimizer"]["state"], "the optimizer took no step"
 
 
+def test_compile_true_compiles_with_inductor_on_cuda(tmp_path, monkeypatch):
+    """compile=True on the GPU: inductor compiles the network although the first step counts FLOPs (torch < ~2.13
+    left it eager for good: tests/test_loop.py has the CPU version)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    monkeypatch.setattr("mae_lite.engine.step.COMPILE_BACKEND", counter)
+    torch._dynamo.reset()
+    opts = dict(output_dir=str(tmp_path), exp_name="cc", batch_size=8, max_epoch=1, demo_samples=32, img_size=32,
+                patch_size=4, depth=2, num_workers=0, vis_images=0, print_interval=2, enable_tensorboard=False)
+    env = init_process(0, 1, local_device_index(0), "cuda")
+    result = train(MaeLiteDemo(**opts, compile=True), env, amp=True)
+    assert counter.frame_count >= 1 and result.compiled_graphs >= 1
+    assert math.isfinite(result.last_loss) and result.compute["flops_per_image"] > 0
+
+
 def test_adamw_is_fused_on_cuda():
     recipe = MaeLiteDemo(img_size=32, patch_size=4, depth=2)
     net = recipe.build_model().to("cuda")

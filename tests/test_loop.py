@@ -240,6 +240,23 @@ def test_compiled_run_checkpoints_resume_eagerly(tmp_path, monkeypatch):
     assert train(MaeLiteDemo(**{**opts, "max_epoch": 2}), DistEnv(), resume_requested=True).epochs_done == 2
 
 
+def test_compile_true_compiles_although_the_first_step_counts_flops(tmp_path, monkeypatch):
+    """The first step runs under FlopCounterMode; torch < ~2.13 marked a frame first met under it skipped for
+    good, so a compiled network silently ran eagerly. A counting backend must see the network compiled, and the
+    run must report the count (and the FLOPs still counted)."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    monkeypatch.setattr("mae_lite.engine.step.COMPILE_BACKEND", counter)
+    torch._dynamo.reset()
+    opts = dict(TINY, output_dir=str(tmp_path), exp_name="cc", batch_size=8, print_interval=2)
+    result = train(MaeLiteDemo(**opts, compile=True), DistEnv())
+    assert counter.frame_count >= 1 and result.compiled_graphs >= 1
+    assert result.compute["flops_per_image"] > 0
+    log = next((tmp_path / "cc").glob("train_log-*.txt")).read_text()
+    assert f"torch.compile compiled {result.compiled_graphs} graph(s)" in log
+
+
 # ----- the loader ---------------------------------------------------------------------------------------------
 def test_epoch_sampler_splits_like_distributed_sampler():
     for epoch in (0, 3):

@@ -50,6 +50,7 @@ class RunResult:
     compute: dict[str, Any] = field(default_factory=dict)  # FLOPs, images, device-hours (engine/compute.py)
     seconds: float = 0.0
     metrics_ema: dict[str, float] = field(default_factory=dict)  # the last evaluation of the EMA (model_ema=True)
+    compiled_graphs: Optional[int] = None  # compile=True: graphs torch.compile compiled in the first steps
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -98,6 +99,7 @@ class Run:
     shown: dict = field(default_factory=dict)  # steps, seconds, data wait since the last log line
     steps_run: int = 0
     t_train: float = 0.0
+    graphs_before: int = 0  # compiled_graphs() before this run compiled anything
 
 
 def train(recipe, env: DistEnv, *, resume: Optional[str] = None, init_ckpt: Optional[str] = None,
@@ -249,6 +251,7 @@ def _wrap(run: Run, ema_state: Optional[dict]) -> None:
     elif run.ema is not None and run.start_epoch + run.skip > 0:
         LOGGER.info("notice: the checkpoint has no EMA weights (model_ema was off): the EMA starts from its model")
     if recipe.compile:
+        run.graphs_before = compiled_graphs()
         compile_network(run.method)
     model = run.method
     if env.distributed:
@@ -298,10 +301,30 @@ def _step(run: Run, micro: list, step: int):
     if run.compute.flops_per_image is not None:
         return run.stepper.step(micro, step)
     with ExitStack() as counting:  # the run's first step also counts its FLOPs
+        if run.recipe.compile:
+            # Eager for this step: dynamo skips frames under a dispatch mode, and torch < ~2.13 marks them skipped
+            # for good, so a compiled network first called under the counter would run eagerly all run long.
+            counting.enter_context(torch.compiler.set_stance("force_eager"))
         counter = counting.enter_context(flop_counter())
         out = run.stepper.step(micro, step)
     run.compute.flops_per_image = counter.get_total_flops() / (run.micro * len(micro))
     return out
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process (0 with compile=True: the network runs eagerly)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _report_compile(run: Run) -> None:
+    """Once, after the first compiled steps: how many graphs dynamo compiled, so an eager fallback shows."""
+    run.result.compiled_graphs = n = compiled_graphs() - run.graphs_before
+    if n:
+        LOGGER.info("compile: torch.compile compiled %d graph(s)", n)
+    else:
+        LOGGER.warning("warning: compile=True but torch.compile compiled no graph: the network runs eagerly")
 
 
 def _epoch_batches(run: Run, epoch: int):
@@ -345,6 +368,8 @@ def _sync(run: Run, epoch: int, it: int, window: list, logs: dict, timer: StepTi
     values = torch.cat([torch.stack(window).reshape(n), *(logs[k].detach().float().reshape(1) for k in keys),
                         torch.tensor([run.step_seconds], device=window[0].device)])
     reduced, stop, save = _sync_step(values, run.stopper, env)
+    if recipe.compile and run.result.compiled_graphs is None and run.steps_run >= 2:  # step 1 runs eagerly
+        _report_compile(run)
     seconds = timer.seconds()
     run.step_seconds = seconds / n
     _check_finite(run, reduced[:n], epoch, it - n + 1)

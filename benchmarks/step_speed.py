@@ -159,11 +159,32 @@ def time_steps(step, args, device: torch.device) -> list[float]:
     return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
 
 
+def measure(model, opt, args, device: torch.device, batch: int, peak: float) -> dict:
+    """One batch size: FLOPs, (compile), timed steps; the row of numbers."""
+    imgs = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+    flops, flops_by_op = count_flops(model, imgs, args.mask_ratio)  # eager, fp32: the same count in any dtype
+    # one static graph per batch size: a sweep must not turn the batch dimension dynamic (slower kernels)
+    net = torch.compile(model, dynamic=False) if args.compile else model
+    step = make_step(net, opt, imgs, args, device)
+    compile_s = timed(step, device) if args.compile else None  # first call compiles (forward and backward)
+    before = cpu_snapshot()
+    times = time_steps(step, args, device)
+    others = other_cores_busy(before, cpu_snapshot())
+    t = statistics.median(times)
+    achieved = flops / t / 1e9
+    del imgs, net, step
+    return {"batch": batch, "img_per_s": batch / t, "step_s_median": t, "step_s_all": times, "compile_s": compile_s,
+            "flops_per_step": flops, "flops_by_op": flops_by_op, "achieved_gflops": achieved,
+            "share_of_matmul_bound": achieved / peak, "other_processes_cores_busy": others,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=10, help="timed steps (median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--batch", type=int, default=None, help="images per step (default 64 on the CPU, 512 on CUDA)")
+    p.add_argument("--batch", default=None, help="images per step, or a comma-separated sweep (256,512,1024) timed "
+                                                 "in one process (default 64 on the CPU, 512 on CUDA)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--threads", type=int, default=available_cores(), help="torch intra-op threads (default: all cores)")
@@ -181,7 +202,8 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    args.batch = args.batch or (512 if cuda else 64)
+    batches = [int(b) for b in str(args.batch or (512 if cuda else 64)).split(",")]
+    args.batch = batches[0]  # build()'s batch
     args.peak_size = args.peak_size or (8192 if cuda else 2048)
     mode = "compiled" if args.compile else "eager"
     default_out = (f"benchmarks/results/step_speed_cuda_{args.amp_dtype}_{mode}.json" if cuda else
@@ -197,33 +219,25 @@ def main() -> None:
 
     # The VM is shared and noisy: measure the peak before and after the steps and keep the higher one.
     peaks = [matmul_peak(device, args.peak_size, dtype=dtype)]
-    model, opt, imgs = build(args, device)
-    flops, flops_by_op = count_flops(model, imgs, args.mask_ratio)  # eager, fp32: the same count in any dtype
-    net = torch.compile(model) if args.compile else model
-    step = make_step(net, opt, imgs, args, device)
-    compile_s = timed(step, device) if args.compile else None  # first call compiles (forward and backward)
-    before = cpu_snapshot()
-    times = time_steps(step, args, device)
-    others = other_cores_busy(before, cpu_snapshot())
+    model, opt, _ = build(args, device)
+    rows = [measure(model, opt, args, device, b, peaks[0]) for b in batches]
     peaks.append(matmul_peak(device, args.peak_size, dtype=dtype))
     peak = max(peaks)
-
-    t = statistics.median(times)
-    achieved = flops / t / 1e9
+    for row in rows:  # against the higher peak
+        row["share_of_matmul_bound"] = row["achieved_gflops"] / peak
+    best = max(rows, key=lambda r: r["img_per_s"])
     result = {
-        "model": "mae_vit_tiny_patch16", "impl": args.impl, "batch": args.batch, "img_size": args.img_size,
+        "model": "mae_vit_tiny_patch16", "impl": args.impl, "img_size": args.img_size,
         "mask_ratio": args.mask_ratio, "dtype": "float32" if args.amp_dtype == "fp32" else args.amp_dtype,
-        "amp_dtype": args.amp_dtype, "compiled": args.compile, "compile_s": compile_s, "device": str(device),
+        "amp_dtype": args.amp_dtype, "compiled": args.compile, "device": str(device),
         "tf32": cuda and args.amp_dtype == "fp32", "fused_adamw": cuda,
         "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
         "malloc_tuning_applied": malloc_tuned,
-        "img_per_s": args.batch / t, "step_s_median": t, "step_s_all": times,
-        "flops_per_step": flops, "flops_by_op": flops_by_op,
+        **best,  # the best batch size's numbers at the top level; every batch size under "rows"
+        "rows": rows,
         "matmul_peak_gflops": peak, "matmul_peak_before_after": peaks, "matmul_peak_shape": [args.peak_size] * 3,
         "matmul_peak_dtype": args.amp_dtype,
-        "achieved_gflops": achieved, "share_of_matmul_bound": achieved / peak,
         "reference_original": REFERENCE_ORIGINAL,
-        "other_processes_cores_busy": others,
         "torch": torch.__version__, "timm": timm.__version__, "mae_lite": mae_lite.__version__,
         "cpu_model": cpu_model(),
         "gpu_model": torch.cuda.get_device_name(device) if cuda else None,
@@ -231,20 +245,22 @@ def main() -> None:
     }
 
     ref = REFERENCE_ORIGINAL
-    print(f"MAE-Tiny step ({args.impl}), batch {args.batch}, {args.img_size} px, {args.amp_dtype}, {mode}, {device}, "
+    print(f"MAE-Tiny step ({args.impl}), {args.img_size} px, {args.amp_dtype}, {mode}, {device}, "
           f"{result['threads']} threads, malloc tuning {'on' if malloc_tuned else 'off'}")
-    print(f"  img/s                  {result['img_per_s']:8.1f}   (median of {args.steps} steps, "
-          f"{t * 1e3:.0f} ms; min {min(times) * 1e3:.0f}, max {max(times) * 1e3:.0f})")
-    print(f"  FLOPs per step         {flops / 1e9:8.1f} G (forward + backward)")
     print(f"  matmul peak            {peak:8.1f} GFLOP/s ({args.peak_size}^3 {args.amp_dtype}"
           f"{' (TF32)' if result['tf32'] else ''}; before {peaks[0]:.0f}, after {peaks[1]:.0f})")
-    if compile_s is not None:
-        print(f"  compile (first step)   {compile_s:8.1f} s")
-    print(f"  achieved               {achieved:8.1f} GFLOP/s")
-    print(f"  share of matmul bound  {achieved / peak:8.1%}")
+    for row in rows:
+        times, t = row["step_s_all"], row["step_s_median"]
+        print(f"  batch {row['batch']:<5}            {row['img_per_s']:8.1f} img/s (median of {args.steps} steps, "
+              f"{t * 1e3:.1f} ms; min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}), "
+              f"{row['flops_per_step'] / 1e9:.1f} GFLOP per step, {row['achieved_gflops']:.1f} GFLOP/s = "
+              f"{row['share_of_matmul_bound']:.1%} of the matmul bound"
+              + (f", compile {row['compile_s']:.1f} s" if row["compile_s"] is not None else "")
+              + (f", peak memory {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else ""))
     if not cuda:  # the original was timed on a CPU host only
         print(f"  reference (original)   {ref['img_per_s']:8.1f} img/s, {ref['share_of_matmul_bound']:.0%} of the bound "
               f"(on a host with a ~{ref['implied_matmul_peak_gflops']:.0f} GFLOP/s peak)")
+    others = best["other_processes_cores_busy"]
     if others is not None and others > 0.1:
         print(f"  note: other processes kept {others:.2f} cores busy on average during the timed steps")
 

@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# run again, it continues an interrupted demo (or says it has finished); make clean-demo, then make demo starts over
+DEMO_CKPT := outputs/demo/mae_tiny/last_epoch_ckpt.pth.tar
 demo: setup
-	$(VENV)/bin/ssl_train -b 128 -d cpu -e 30 -f mae_lite_demo --exp-options exp_name=demo/mae_tiny
+	$(VENV)/bin/ssl_train -b 128 -d cpu -e 30 -f mae_lite_demo $$(test -f $(DEMO_CKPT) && echo --resume) \
+	    --exp-options exp_name=demo/mae_tiny
 
 smoke: setup
 	$(VENV)/bin/ssl_smoke --out outputs/smoke

@@ -11,3 +11,8 @@ class NonFiniteLoss(UserError):
 
 class Stopped(UserError):
     """Training was asked to stop (SIGTERM, SIGUSR1, Ctrl-C) and saved a checkpoint that --resume continues."""
+
+
+class DiskFull(UserError):
+    """A write of the run (checkpoint, reconstructions) met a full disk, a quota or a read-only file system; the
+    last good checkpoint is left intact. Its own exit status (4), so a scheduler can tell it from a training error."""

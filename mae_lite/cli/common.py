@@ -32,21 +32,24 @@ def make_output_dir(path: Path) -> None:
 
 
 STOPPED = 3  # exit status of a run stopped by a signal after saving its checkpoint
+DISK_FULL = 4  # a write met a full disk, a quota or a read-only file system; the last good checkpoint is intact
+
+
+def exit_status(e: UserError) -> int:
+    """1 for a diverged run, 3 for one stopped by a signal (checkpoint saved), 4 for a full disk, 2 for bad input."""
+    from ..errors import DiskFull, NonFiniteLoss, Stopped
+
+    return STOPPED if isinstance(e, Stopped) else DISK_FULL if isinstance(e, DiskFull) else (
+        1 if isinstance(e, NonFiniteLoss) else 2)
 
 
 def run_cli(prog: str, fn: Callable[[], int]) -> int:
     """Run `fn`; a UserError becomes `prog: error: message` on one line and exit status 2 (1 for a diverged run,
-    3 for a run stopped by a signal with its checkpoint saved)."""
-    from ..errors import NonFiniteLoss, Stopped
+    3 for a run stopped by a signal with its checkpoint saved, 4 for a full disk: `exit_status`)."""
+    from ..errors import Stopped
 
     try:
         return fn()
-    except Stopped as e:  # asked to stop (SIGTERM, ...): a checkpoint was saved
-        print(f"{prog}: {e}", file=sys.stderr)
-        return STOPPED
-    except NonFiniteLoss as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # Stopped: asked to stop (SIGTERM, ...) with a checkpoint saved, not an error
+        print(f"{prog}: {'' if isinstance(e, Stopped) else 'error: '}{e}", file=sys.stderr)
+        return exit_status(e)

@@ -50,6 +50,16 @@ def _run(name: str, main: Callable[[list[str]], int], argv: list[str], log: Path
     return text, seconds
 
 
+def _clear_previous(out: Path) -> None:
+    """Each smoke starts over: the run folder of an earlier smoke in `out` (recognised by its step log) is removed,
+    since ssl_train refuses a fresh run over a checkpoint. Anything else under `out` is left alone."""
+    import shutil
+
+    if (out / "logs" / "01_pre-train.txt").is_file() and (out / "mae").is_dir():
+        print(f"{PROG}: removing the previous smoke's runs in {out / 'mae'}", flush=True)
+        shutil.rmtree(out / "mae")
+
+
 def _last(pattern: str, text: str) -> Optional[float]:
     found = re.findall(pattern, text)
     return float(found[-1]) if found else None
@@ -70,6 +80,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
                         f"{a.samples} and {a.batch_size}")
     out = Path(a.out)
     logs = out / "logs"
+    _clear_previous(out)
     logs.mkdir(parents=True, exist_ok=True)
     model = ["dataset=demo", "img_size=32", "patch_size=4", f"depth={a.depth}", f"demo_samples={a.samples}",
              "num_workers=2", f"output_dir={out}"]

@@ -4,7 +4,8 @@ top-1 (markdown + JSON). Small transfer sets are sensitive to both; the seed lea
 Each grid point is an ordinary run of the library's `train()` in
 `<output_dir>/<pretrain_exp_name>/<prefix>sweep/lr<lr>_ld<decay>_eval/`; the tables sit next to them as
 `sweep.md` and `sweep.json`, rewritten after every run. Points already in `sweep.json` with the same settings
-are reused (`--force` retrains them); a diverged run is recorded as such and the sweep goes on.
+are reused (`--force` retrains them, moving their old checkpoints to `overwritten-<time>/` in their folders); a diverged
+run is recorded as such and the sweep goes on.
 """
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ def _run(recipe, env, args: argparse.Namespace, lr: float, decay: float, metric:
     """One grid point; its row as rank 0 records it, the same on every rank (only rank 0 writes checkpoints)."""
     row: dict[str, Any] = {"lr": lr, "layer_decay": decay, "folder": str(recipe.output_path)}
     try:
-        result = train(recipe, env, init_ckpt=args.ckpt, amp=args.amp, resume_requested=resume)
+        # a point trained again (--force, other settings) starts over: its old checkpoints go to overwritten-<time>/
+        result = train(recipe, env, init_ckpt=args.ckpt, amp=args.amp, resume_requested=resume, overwrite=not resume)
     except NonFiniteLoss as e:
         row = {**row, "status": "diverged", "message": str(e)}
     except Stopped as e:  # SIGTERM / Ctrl-C: the point's checkpoint is saved; the sweep stops after recording it

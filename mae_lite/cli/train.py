@@ -14,7 +14,7 @@ from ..engine.dist import (DeviceSpec, cleanup, external_launcher, free_port, in
 from ..engine.loop import StopSignals, train
 from ..engine.perf import tune_allocator
 from ..errors import NonFiniteLoss, Stopped, UserError
-from .common import STOPPED, build_recipe, make_output_dir, run_cli
+from .common import DISK_FULL, STOPPED, build_recipe, exit_status, make_output_dir, run_cli
 
 PROG = "ssl_train"
 
@@ -31,6 +31,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from <output>/last_epoch_ckpt.pth.tar, or from PATH")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output folder that holds a checkpoint: its checkpoints (and reconstructions) "
+                        "are moved to <folder>/overwritten-<time>/, nothing is deleted; without it such a folder is "
+                        "refused (continue with --resume, or use another exp_name)")
     p.add_argument("--ckpt", default=None, help="initial weights, loaded at the start of a run (not on --resume)")
     p.add_argument("--ema", action="store_true", help="initial weights from the EMA copy (model_ema) of --ckpt "
                                                    "(or of the pre-training run fine-tuning finds)")
@@ -85,14 +89,14 @@ def _worker(index: int, args: argparse.Namespace, spec: DeviceSpec, launcher: Op
             recipe = build_recipe(args.exp_file, args.exp_options, args.batch_size, args.max_epoch)
             make_output_dir(recipe.output_path)  # on every rank: node-local disks need it on every node
         train(recipe, env, resume=args.resume or None, resume_requested=args.resume is not None,
-              init_ckpt=args.ckpt, amp=args.amp)
+              init_ckpt=args.ckpt, amp=args.amp, overwrite=args.overwrite)
     except UserError as e:
         if env.world_size > 1:  # the ranks agreed on it: rank 0 speaks; an error of this rank alone is printed here
             agreed = getattr(e, "agreed", False) or isinstance(e, (Stopped, NonFiniteLoss))
             if rank == 0 or not agreed:
                 print(f"{PROG}: {'' if isinstance(e, Stopped) else 'error: '}{e}", file=sys.stderr, flush=True)
             cleanup()
-            os._exit(STOPPED if isinstance(e, Stopped) else 1 if isinstance(e, NonFiniteLoss) else 2)
+            os._exit(exit_status(e))
         raise
     finally:
         cleanup()
@@ -106,6 +110,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
     if args.show_config:
         print(recipe.config_table())
         return 0
+    if args.overwrite and args.resume is not None:
+        raise UserError("--overwrite starts the run over and --resume continues it: give one of them")
     launcher = external_launcher()
     if launcher:
         _worker(0, args, launched_spec(args.devices, launcher), launcher)
@@ -125,7 +131,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
         while not context.join():
             pass
     except torch.multiprocessing.ProcessExitedException as e:
-        if e.exit_code in (STOPPED, 2):  # stopped by a signal (checkpoint saved) or bad input: rank 0 has said so
+        if e.exit_code in (STOPPED, DISK_FULL, 2):  # stopped (checkpoint saved), disk full, bad input: rank 0 said so
             return e.exit_code
         print(f"{PROG}: error: a training process exited with status {e.exit_code} (its message is above)", file=sys.stderr)
         return 1

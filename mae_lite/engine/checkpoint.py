@@ -8,7 +8,9 @@ which `--ema` selects (`select_weights`).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shutil
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import DiskFull, UserError
 from ..models.pos_embed import resize_pos_embed
 
 
@@ -33,26 +35,77 @@ def _create_temp(path: Path) -> tuple[int, str]:
             continue
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, last_good: str | os.PathLike | None = None) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves a torn file.
-    The file gets the mode the user's umask gives (0644 under umask 022)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path)
+    The file gets the mode the user's umask gives (0644 under umask 022). A full disk, a quota or a read-only file
+    system is a one-line DiskFull naming the file, the bytes needed and free, and `last_good` (default: `path` as it
+    was), which the failed write left intact; the temporary file is removed."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(path)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        reason = disk_error(e)
+        if reason is None:
+            raise
+        good = Path(last_good) if last_good is not None else path
+        raise DiskFull(no_space_message(f"checkpoint {path}", reason, path.parent, state_bytes(state),
+                                        good if good.is_file() else None)) from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint on the CPU with `weights_only=True`; any problem is a one-line UserError.
+# What a write can meet that is no fault of the run: the user frees space or picks another disk, then --resume.
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system"}
+
+
+def disk_error(e: BaseException) -> Optional[str]:
+    """The DISK_ERRORS reason behind `e`, also when torch's zip writer wraps the OSError in a RuntimeError of its own
+    (raised while the OSError is handled: it is the context); None for anything else."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+            return DISK_ERRORS[e.errno]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: what its file needs, give or take the small rest."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def no_space_message(what: str, reason: str, folder: Path, needed: Optional[int], last_good: Optional[Path]) -> str:
+    try:
+        free = f"{_mb(shutil.disk_usage(folder).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    need = f"needs about {_mb(needed)}, " if needed else ""
+    good = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written before"
+    return (f"cannot write {what}: {reason} ({need}{free}); {good}; free space, or set output_dir= to a disk with "
+            "room, then continue with --resume")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB ({n} bytes)"
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint on the CPU with `weights_only=True`; any problem is a one-line UserError. `mmap`: map the
+    tensors instead of reading them (a look at the counters of a large file; zip-format files only).
 
     `argparse.Namespace` is allowed besides tensors and containers: facebookresearch/mae's training
     checkpoints store their arguments as one, and it only holds attributes."""
@@ -61,7 +114,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torn file, not a torch file, or a pickle that needs arbitrary code
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: {first[:200]}") from None

@@ -6,9 +6,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import Stopped
-from .checkpoint import save_checkpoint
-from .dist import barrier
+from ..errors import DiskFull, Stopped
+from .checkpoint import disk_error, no_space_message, save_checkpoint
+from .dist import barrier, rank_agreement
 from .log import LOGGER
 from .rng import gather_rng_states
 
@@ -36,14 +36,14 @@ def end_of_epoch(run, epoch: int, stop_now: bool, save_now: bool) -> None:
         return
     state = checkpoint_state(run, epoch + 1, 0, None)  # collective: every rank takes part
     run.stopper.saved()
-    if env.is_main:
-        save_checkpoint(state, run.ckpt_file)
-        run.result.checkpoint = str(run.ckpt_file)
-        LOGGER.info("epoch %d: checkpoint %s", epoch + 1, run.ckpt_file)
-        if is_best:
-            save_checkpoint(state, run.out / BEST_NAME)
-        _save_visuals(run, epoch)
-    barrier(env)
+    with rank_agreement(env, "checkpoint"):  # a full disk on rank 0 stops every rank: none waits in a barrier
+        if env.is_main:
+            save_checkpoint(state, run.ckpt_file)
+            run.result.checkpoint = str(run.ckpt_file)
+            LOGGER.info("epoch %d: checkpoint %s", epoch + 1, run.ckpt_file)
+            if is_best:
+                save_checkpoint(state, run.out / BEST_NAME, last_good=run.ckpt_file)
+            _save_visuals(run, epoch)
     if stop_here:
         raise Stopped(run.stopper.message(epoch + 1, 0, run.ckpt_file))
 
@@ -98,14 +98,20 @@ def checkpoint_state(run, start_epoch: int, iteration: int, epoch_rng) -> Option
             "model": run.method.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.schedule.state_dict(), "scaler": run.precision.scaler.state_dict(), **run.best,
             "arch": recipe.arch_record(), "recipe": recipe.name, "config": recipe.to_dict(),
-            "compute": run.compute.state_dict(), **extra}
+            "compute": run.compute.state_dict(), "last_loss": float(run.result.last_loss), **extra}
 
 
 def _save_visuals(run, epoch: int) -> None:
     if run.vis_images is None:
         return
-    png = run.method.save_visuals(run.vis_images, run.out / f"reconstruction_ep{epoch + 1:04d}.png",
-                                  run.recipe.mean, run.recipe.std)
+    target = run.out / f"reconstruction_ep{epoch + 1:04d}.png"
+    try:
+        png = run.method.save_visuals(run.vis_images, target, run.recipe.mean, run.recipe.std)
+    except OSError as e:
+        reason = disk_error(e)
+        if reason is None:
+            raise
+        raise DiskFull(no_space_message(f"reconstructions {target}", reason, run.out, None, run.ckpt_file)) from None
     run.result.visuals.append(str(png))
     LOGGER.info("epoch %d: reconstructions %s", epoch + 1, png)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,23 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _LogFile(logging.FileHandler):
+    """The run's text log. A write that fails (a full disk, a quota) turns it off with one console line, instead of
+    a traceback for every later record; the run itself then stops at its next checkpoint with the reason."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            return super().handleError(record)
+        LOGGER.removeHandler(self)
+        try:
+            self.close()
+        except OSError:  # closing flushes the same unwritable buffer
+            pass
+        LOGGER.warning("warning: the log file %s cannot be written (%s): the log goes to the console only from here",
+                       self.baseFilename, err.strerror or err)
+
+
 def setup_logging(out_dir: Optional[Path], rank: int, prefix: str = "train_log") -> Optional[Path]:
     """Console (rank 0: info, others: warnings) and, on rank 0, `<out_dir>/<prefix>-<timestamp>.txt`."""
     close_logging()
@@ -32,7 +50,7 @@ def setup_logging(out_dir: Optional[Path], rank: int, prefix: str = "train_log")
     if rank != 0 or out_dir is None:
         return None
     path = Path(out_dir) / f"{prefix}-{time.strftime('%Y-%m-%d-%H-%M-%S')}.txt"
-    fh = logging.FileHandler(path, mode="a")
+    fh = _LogFile(path, mode="a")
     fh.setFormatter(fmt)
     LOGGER.addHandler(fh)
     return path

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -24,12 +26,14 @@ from tqdm import tqdm
 from ..errors import NonFiniteLoss, Stopped, UserError
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .compute import Compute, flop_counter
-from .dist import (STOP_SIGNALS, DistEnv, barrier, cpu_cores, loader_workers, local_world_size,  # noqa: F401
-                   rank_agreement)  # cpu_cores: re-exported for callers of engine.loop
-from .epoch_end import _warn_slow_loader, checkpoint_state, end_of_epoch, visual_batch  # noqa: F401 (re-export)
+from .dist import (STOP_SIGNALS, DistEnv, barrier, broadcast_object, cpu_cores, loader_workers,  # noqa: F401
+                   local_world_size, rank_agreement)  # cpu_cores: re-exported for callers of engine.loop
+from .epoch_end import (BEST_NAME, _warn_slow_loader, checkpoint_state, end_of_epoch,  # noqa: F401 (re-export)
+                        visual_batch)
 from .evaluate import eval_loader
 from .loader import make_loader
 from .log import LOGGER, close_logging, setup_logging
+from .run_folder import RunLock, finished_run, refuse_or_move_aside
 from .rng import local_rng_state, restore_rng_state, seed_everything
 from .step import (Stepper, StepTimer, check_accum, choose_precision, compile_network, eager_keys, global_settings,
                    make_ema)
@@ -103,12 +107,32 @@ class Run:
 
 
 def train(recipe, env: DistEnv, *, resume: Optional[str] = None, init_ckpt: Optional[str] = None,
-          amp: bool = False, resume_requested: bool = False) -> RunResult:
-    """Train `recipe` in this process (one rank of `env`). `resume_requested` with `resume=None` means `--resume`."""
+          amp: bool = False, resume_requested: bool = False, overwrite: bool = False) -> RunResult:
+    """Train `recipe` in this process (one rank of `env`). `resume_requested` with `resume=None` means `--resume`.
+    The output folder is locked for the run (one run per folder). A fresh run into a folder that holds a checkpoint
+    is refused, unless `overwrite` (`--overwrite`) moves the old checkpoints aside; `--resume` of a run that has
+    nothing left to do says so and returns."""
     t_start = time.time()
+    if overwrite and resume_requested:
+        raise UserError("--overwrite starts the run over and --resume continues it: give one of them")
     out = _output_dir(recipe, env)
+    lock = _lock_folder(out, env)
+    try:
+        notices = [lock.notice] if lock and lock.notice else []
+        finished, init_ckpt = _check_folder(recipe, env, out, resume, resume_requested, overwrite, init_ckpt, notices)
+        if finished is not None:
+            return finished
+        return _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, notices)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(recipe, env, out, resume, init_ckpt, amp, resume_requested, t_start, notices) -> RunResult:
     log_path = setup_logging(out, env.rank)
     try:
+        for notice in notices:
+            LOGGER.info("%s", notice)
         with global_settings(recipe, env, amp):
             run = setup(recipe, env, out, resume, init_ckpt, amp, resume_requested, log_path)
             try:
@@ -124,6 +148,50 @@ def train(recipe, env: DistEnv, *, resume: Optional[str] = None, init_ckpt: Opti
             return _finish(run, t_start)
     finally:
         close_logging()
+
+
+def _lock_folder(out, env: DistEnv) -> Optional[RunLock]:
+    """Rank 0 takes the folder's lock (run_folder.py); a refusal stops every rank with rank 0's line."""
+    lock = None
+    try:
+        with rank_agreement(env, "output folder lock"):
+            if env.is_main:
+                lock = RunLock(out).acquire()
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    return lock
+
+
+def _check_folder(recipe, env: DistEnv, out, resume, resume_requested: bool, overwrite: bool, init_ckpt,
+                  notices: list) -> tuple[Optional[RunResult], Optional[str]]:
+    """Rank 0 reads the folder, every rank follows: a fresh run over a checkpoint is refused (or, with `overwrite`,
+    moves it aside: `init_ckpt` follows a moved file); `--resume` of a run with nothing left to do ends here with
+    one line (returned as its RunResult)."""
+    verdict = None
+    with rank_agreement(env, "output folder"):
+        if env.is_main and resume_requested:
+            verdict = finished_run(checkpoint_path(out, resume), recipe.max_epoch)
+        elif env.is_main:
+            option = "save_folder_prefix" if "save_folder_prefix" in recipe.fields() else "exp_name"
+            moved = refuse_or_move_aside(out, (CKPT_NAME, BEST_NAME), overwrite, option)
+            if moved:
+                notices.append(f"notice: --overwrite: the previous run's checkpoints are moved to {moved[0].parent}")
+                old = {str((out / p.name).resolve()): str(p) for p in moved}
+                init_ckpt = old.get(str(Path(init_ckpt).resolve()), init_ckpt) if init_ckpt else init_ckpt
+    verdict, init_ckpt = broadcast_object((verdict, init_ckpt), env)
+    if verdict is None:
+        return None, init_ckpt
+    setup_logging(None, env.rank)  # the console only: no log file for a run that does nothing
+    try:
+        for notice in notices:
+            LOGGER.info("%s", notice)
+        LOGGER.info("%s", verdict["line"])
+    finally:
+        close_logging()
+    return RunResult(epochs_done=verdict["epochs"], last_loss=verdict["last_loss"],
+                     checkpoint=verdict["checkpoint"]), init_ckpt
 
 
 def _output_dir(recipe, env: DistEnv):
@@ -170,7 +238,8 @@ def setup(recipe, env, out, resume, init_ckpt, amp, resume_requested, log_path) 
         from torch.utils.tensorboard import SummaryWriter
 
         run.tb = SummaryWriter(str(out / f"tb_train-{time.strftime('%Y-%m-%d-%H-%M-%S')}"))
-    run.result = RunResult(epochs_done=run.start_epoch, checkpoint=str(run.ckpt_file) if run.ckpt_file.is_file() else None)
+    run.result = RunResult(epochs_done=run.start_epoch, last_loss=run.result.last_loss,
+                           checkpoint=str(run.ckpt_file) if run.ckpt_file.is_file() else None)
     run.compute.device = env.device.type
     run.check_every = recipe.print_interval
     LOGGER.info("training %d epochs x %d iterations, %d images per step (%d per process%s), lr %.3g, %s",
@@ -229,6 +298,7 @@ def _resume(run: Run, resume: Optional[str]) -> Optional[dict]:
     run.data_report = ckpt.get("data") or {}
     run.recipe.restore_data_report(run.data_report)  # run-wide counts (skipped bad images) go on
     run.skip = int(ckpt.get("iteration", 0))
+    run.result.last_loss = float(ckpt.get("last_loss", float("nan")))
     if run.skip:  # a mid-epoch checkpoint: replay the epoch's data order, then continue from the saved state
         if ckpt.get("iters_per_epoch") != run.iters:
             raise UserError(f"--resume: {src} was saved in the middle of an epoch of {ckpt.get('iters_per_epoch')} "
@@ -267,7 +337,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[bool, bool]:
     run.stepper.model.train()
     batches, first = _epoch_batches(run, epoch)
     bar = tqdm(total=run.iters, initial=first, desc=f"epoch {epoch + 1}/{recipe.max_epoch}",
-               disable=not run.env.is_main, dynamic_ncols=True, leave=False)
+               disable=not show_bar(run.env), dynamic_ncols=True, leave=False)
     run.epoch_wait = {"data": 0.0, "total": 0.0}
     window, timer, flags = [], StepTimer(run.env.device), (False, False)
     data_s, t_prev = 0.0, time.perf_counter()
@@ -295,6 +365,12 @@ def train_epoch(run: Run, epoch: int) -> tuple[bool, bool]:
         if window:  # a loader that ended early: check what is left before anything is saved
             flags = _sync(run, epoch, it - 1, window, logs, timer, data_s, bar)
     return flags
+
+
+def show_bar(env: DistEnv) -> bool:
+    """The progress bar on the main rank, on a terminal only: written to a file (SLURM, nohup, CI) its carriage-return
+    frames would fill the log. The periodic log lines carry its numbers (loss, lr, img/s, eta) and the data wait."""
+    return env.is_main and bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def _step(run: Run, micro: list, step: int):
@@ -431,12 +507,12 @@ def _log_progress(run: Run, epoch: int, it: int, shown: dict, extras: dict, bar)
 
 def _mid_epoch_checkpoint(run: Run, epoch: int, it: int, stop: bool) -> None:
     state = checkpoint_state(run, epoch, it + 1, run.epoch_rng)
-    if run.env.is_main:
-        save_checkpoint(state, run.ckpt_file)
-        run.result.checkpoint = str(run.ckpt_file)
-        LOGGER.info("epoch %d, iteration %d: checkpoint %s", epoch + 1, it + 1, run.ckpt_file)
+    with rank_agreement(run.env, "checkpoint"):  # a full disk on rank 0 stops every rank: none waits in a barrier
+        if run.env.is_main:
+            save_checkpoint(state, run.ckpt_file)
+            run.result.checkpoint = str(run.ckpt_file)
+            LOGGER.info("epoch %d, iteration %d: checkpoint %s", epoch + 1, it + 1, run.ckpt_file)
     run.stopper.saved()
-    barrier(run.env)
     if stop:
         raise Stopped(run.stopper.message(epoch + 1, it + 1, run.ckpt_file))
 
@@ -446,8 +522,9 @@ def _finish(run: Run, t_start: float) -> RunResult:
     result.seconds = time.time() - t_start
     result.compute = run.compute.state_dict()
     LOGGER.info("compute: %s", run.compute.summary())
-    LOGGER.info("done: %d epochs, last loss %.4f, %s, checkpoint %s", result.epochs_done, result.last_loss,
-                _fmt_time(result.seconds), result.checkpoint)
+    loss = f"last loss {result.last_loss:.4f}" if math.isfinite(result.last_loss) else "no loss measured"
+    LOGGER.info("done: %d epochs, %s, %s, checkpoint %s", result.epochs_done, loss, _fmt_time(result.seconds),
+                result.checkpoint)
     return result
 
 

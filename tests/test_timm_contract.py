@@ -114,14 +114,16 @@ def test_grad_checkpointing_gives_equal_outputs_and_gradients(name):
 
 @pytest.mark.parametrize("name", CLASSES)
 def test_set_input_size_and_fx(name):
-    m = small(name)
-    m.set_input_size(img_size=(48, 48))
-    with torch.no_grad():
-        assert m(torch.randn(1, 3, 48, 48)).shape == (1, 5)
     gm = torch.fx.symbolic_trace(small(name))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), small(name)(x))
+    m = small(name)
+    if not hasattr(m, "set_input_size"):
+        pytest.skip(f"timm {timm.__version__}'s Beit has no set_input_size (timm >= 1.0.31 has)")
+    m.set_input_size(img_size=(48, 48))
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 48, 48)).shape == (1, 5)
 
 
 def test_torchscript_of_the_plain_vit():
